@@ -1,0 +1,1 @@
+"""Training-loop infrastructure shared by the reference scripts: launch, logging, checkpoints, optimizers."""

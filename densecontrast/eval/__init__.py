@@ -1,0 +1,1 @@
+"""Quick evaluation of pre-trained backbones: correspondence accuracy and a dense linear probe."""

@@ -29,29 +29,34 @@ __all__ = [
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def _dtype(loss: Tensor) -> torch.dtype:
+    """float32, or float64 when the loss already is float64."""
+    return torch.float64 if loss.dtype == torch.float64 else torch.float32
+
+
 def _check_weight(loss: Tensor, weight: Tensor | None) -> Tensor:
     if weight is None:
-        return torch.ones_like(loss, dtype=torch.float32)
+        return torch.ones_like(loss, dtype=_dtype(loss))
     if not isinstance(weight, Tensor):
         raise ValueError(f"weight must be a tensor, but got {type(weight).__name__}")
     if weight.shape != loss.shape:
         raise ValueError(f"weight must have the shape of loss {tuple(loss.shape)}, but got {tuple(weight.shape)}")
-    return weight.to(device=loss.device, dtype=torch.float32)
+    return weight.to(device=loss.device, dtype=_dtype(loss))
 
 
 def weighted_mean(loss: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
-    """Weighted mean ``sum(w * l) / max(sum(w), eps)`` computed in float32.
+    """Weighted mean ``sum(w * l) / max(sum(w), eps)`` computed in float32 (float64 for float64 losses).
 
     Args:
         loss: per-query losses, any shape, typically ``(B, N)`` or ``(B * N,)``.
         weight: per-query weights of the same shape (bool or float; ``None`` means all ones).
-            Invalid queries carry weight 0. Converted to float32.
+            Invalid queries carry weight 0. Converted to the compute dtype.
         eps: lower bound of the denominator.
 
     Returns:
-        A float32 scalar. When ``sum(w) == 0`` the result is exactly ``0`` and is still connected
-        to the graph of ``loss`` (every contribution is a masked zero), so ``backward()`` works and
-        produces zero gradients. Weights are expected to be non-negative.
+        A float32 (float64 for a float64 ``loss``) scalar. When ``sum(w) == 0`` the result is
+        exactly ``0`` and is still connected to the graph of ``loss`` (every contribution is a
+        masked zero), so ``backward()`` works and produces zero gradients. Weights are expected to be non-negative.
 
     Example:
         >>> import torch
@@ -63,7 +68,7 @@ def weighted_mean(loss: Tensor, weight: Tensor | None = None, eps: float = 1e-6)
         (0.0, True)
     """
     w = _check_weight(loss, weight)
-    loss32 = loss.float()
+    loss32 = loss.to(_dtype(loss))
     # where() instead of multiplication: an invalid query with an infinite/NaN loss must not poison the sum.
     contrib = torch.where(w != 0, w * loss32, torch.zeros_like(loss32))
     # No host sync: when every weight is 0, every contribution is exactly 0 and so is 0 / eps.
@@ -77,12 +82,13 @@ def reduce(loss: Tensor, weight: Tensor | None = None, reduction: str = "mean", 
         loss: per-query losses, e.g. ``(B, N)``.
         weight: weights of the same shape (``None``: all ones).
         reduction: ``"mean"`` — weighted mean over valid queries (:func:`weighted_mean`);
-            ``"sum"`` — ``sum(w * l)``; ``"none"`` — ``w * l`` elementwise (float32, same shape; queries
+            ``"sum"`` — ``sum(w * l)``; ``"none"`` — ``w * l`` elementwise (same shape; queries
             with weight 0 give exactly 0).
         eps: denominator lower bound for ``"mean"``.
 
     Returns:
-        A float32 scalar for ``"mean"``/``"sum"``, else a float32 tensor shaped like ``loss``.
+        A float32 (float64 for a float64 ``loss``) scalar for ``"mean"``/``"sum"``, else a tensor
+        shaped like ``loss``.
 
     Example:
         >>> import torch
@@ -96,7 +102,7 @@ def reduce(loss: Tensor, weight: Tensor | None = None, reduction: str = "mean", 
     if reduction == "mean":
         return weighted_mean(loss, weight, eps)
     w = _check_weight(loss, weight)
-    loss32 = loss.float()
+    loss32 = loss.to(_dtype(loss))
     out = torch.where(w != 0, w * loss32, torch.zeros_like(loss32))
     return out.sum() if reduction == "sum" else out
 

@@ -1,0 +1,219 @@
+"""Similarity matcher: the most similar key cell of every query cell (DenseCL, PixCon-Sim/SR, VICRegL L2).
+
+Convention:
+    Queries are the ``N`` cells (rows) of the query features, keys the ``M`` cells of the key
+    features, flattened row-major for ``(B, C, h, w)`` maps. The match is computed without
+    gradient in float32 (float64 inputs stay float64), with autocast disabled, and in query
+    chunks so the full ``(B, N, M)`` similarity matrix is never held.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densecontrast.geometry import ViewGeometry
+from densecontrast.matching.coordinate import _check_geometry_pair, _check_grid_shape
+from densecontrast.matching.matches import Matches
+
+__all__ = ["SimilarityMatcher", "similarity_match"]
+
+_METRICS = ("cosine", "l2")
+
+
+def _flatten(name: str, x: object) -> tuple[Tensor, tuple[int, int] | None]:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, h, w) or (B, N, C), but got {type(x).__name__}")
+    if x.dim() == 4:
+        return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
+    if x.dim() == 3:
+        return x, None
+    raise ValueError(f"{name} must have shape (B, C, h, w) or (B, N, C), but got {tuple(x.shape)}")
+
+
+def _resolve_shape(name: str, from_map: tuple[int, int] | None, given: object, n: int) -> tuple[int, int] | None:
+    if given is None:
+        return from_map
+    shape = _check_grid_shape(name, given)
+    if from_map is not None and shape != from_map:
+        raise ValueError(f"{name} must agree with the feature map size {from_map}, but got {shape}")
+    if shape[0] * shape[1] != n:
+        raise ValueError(f"{name} must satisfy h * w = N = {n}, but got {shape}")
+    return shape
+
+
+def _check_options(chunk_size: object, metric: object) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1 (query rows held at once), but got {chunk_size!r}")
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, but got {metric!r}")
+
+
+def similarity_match(
+    query_features: Tensor,
+    key_features: Tensor,
+    chunk_size: int = 1024,
+    metric: Literal["cosine", "l2"] = "cosine",
+    *,
+    query_geometry: ViewGeometry | None = None,
+    key_geometry: ViewGeometry | None = None,
+    query_shape: tuple[int, int] | None = None,
+    key_shape: tuple[int, int] | None = None,
+) -> Matches:
+    """Feature matching: each query's positive is its most similar key cell of the same image.
+
+    ``metric="cosine"`` (DenseCL, PixCon-Sim/SR): ``j*(i) = argmax_j cos(q_i, k_j)``.
+    ``metric="l2"`` (VICRegL feature matching): ``j*(i) = argmin_j ||q_i - k_j||`` on the raw
+    (unnormalized) features, computed as ``argmax_j (2 q_i . k_j - ||k_j||^2)``.
+
+    At most ``chunk_size`` query rows (summed over the batch) have their similarities to all
+    ``M`` keys in memory at once: whole images are batched together while ``N <= chunk_size``,
+    larger images are split into query chunks. Peak extra memory is about
+    ``chunk_size * M`` floats instead of ``B * N * M``. Rows are reduced with ``torch.max``,
+    which returns the **first** maximal index on ties, as the full-matrix ``argmax`` does, so
+    the indices equal the naive full-matrix version's (up to reassociation in the matmul,
+    which only matters for near-exact ties). Zero feature vectors have cosine 0 with everything.
+
+    Args:
+        query_features: ``(B, C, h_q, w_q)`` map or ``(B, N, C)`` rows (e.g. backbone features).
+        key_features: ``(B, C, h_k, w_k)`` map or ``(B, M, C)`` rows, same ``B`` and ``C``.
+        chunk_size: query rows held at once (>= 1).
+        metric: ``"cosine"`` or ``"l2"``.
+        query_geometry: optional query views; with ``key_geometry`` it fills ``in_box``.
+        key_geometry: optional key views.
+        query_shape: ``(h_q, w_q)``, needed for ``in_box`` when ``query_features`` is ``(B, N, C)``.
+        key_shape: ``(h_k, w_k)`` recorded in the result when ``key_features`` is ``(B, M, C)``.
+
+    Returns:
+        :class:`Matches` with ``key_index (B, N)`` long, ``valid`` all True, ``weight`` ones
+        (float32), ``similarity (B, N)`` float32 (float64 for float64 inputs) = the **cosine
+        similarity of the matched pair** for both metrics (for ``"cosine"`` the row maximum;
+        for ``"l2"`` the cosine of the L2-nearest key, so that
+        :func:`~densecontrast.weighting.semantic_reweighting` can use either), ``in_box`` when
+        both geometries are given, and ``key_shape`` when known.
+
+    Raises:
+        ValueError: bad shapes (features, geometry lengths), ``chunk_size < 1`` or an unknown
+            ``metric``.
+
+    Example:
+        >>> q = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])  # (B, N, C)
+        >>> k = torch.tensor([[[0.0, 2.0], [3.0, 0.1]]])  # (B, M, C)
+        >>> m = similarity_match(q, k, chunk_size=2)
+        >>> m.key_index
+        tensor([[1, 0, 1]])
+        >>> similarity_match(q, k, metric="l2").key_index  # raw distances: (1, 1) is nearer (0, 2)
+        tensor([[1, 0, 0]])
+    """
+    _check_options(chunk_size, metric)
+    q, q_map = _flatten("query_features", query_features)
+    k, k_map = _flatten("key_features", key_features)
+    b, n, c = q.shape
+    if k.shape[0] != b or k.shape[2] != c:
+        raise ValueError(
+            f"key_features must have batch size B = {b} and C = {c} channels like query_features, "
+            f"but got {tuple(key_features.shape)}"
+        )
+    m = k.shape[1]
+    if n == 0 or m == 0:
+        raise ValueError(f"query_features and key_features need at least one cell, but got N = {n}, M = {m}")
+    q_shape = _resolve_shape("query_shape", q_map, query_shape, n)
+    k_shape = _resolve_shape("key_shape", k_map, key_shape, m)
+    in_box = None
+    if (query_geometry is None) != (key_geometry is None):
+        raise ValueError("query_geometry and key_geometry must be given together, but got only one")
+    if query_geometry is not None:
+        qg, kg = _check_geometry_pair(query_geometry, key_geometry)
+        if len(qg) != b:
+            raise ValueError(f"query_geometry must hold B = {b} views like the features, but got {len(qg)}")
+        if q_shape is None:
+            raise ValueError("query_shape is required with geometry when query_features is (B, N, C)")
+        in_box = kg.contains(qg.grid(*q_shape)).to(q.device)
+
+    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
+    with torch.no_grad(), torch.autocast(device_type=q.device.type, enabled=False):
+        q = q.detach().to(dtype)
+        k = k.detach().to(dtype)
+        qn = F.normalize(q, dim=-1)
+        kn = F.normalize(k, dim=-1)
+        if metric == "cosine":
+            kt = kn.transpose(1, 2)
+            bias = None
+        else:
+            kt = 2 * k.transpose(1, 2)
+            bias = (k * k).sum(-1)[:, None, :]  # (B, 1, M)
+        index = torch.empty(b, n, dtype=torch.long, device=q.device)
+        best = torch.empty(b, n, dtype=dtype, device=q.device)
+        rows = qn if metric == "cosine" else q
+        per_step = max(1, chunk_size // n)  # whole images per step while N <= chunk_size
+        step_n = min(n, chunk_size)
+        for b0 in range(0, b, per_step):
+            b1 = min(b, b0 + per_step)
+            for n0 in range(0, n, step_n):
+                n1 = min(n, n0 + step_n)
+                s = torch.bmm(rows[b0:b1, n0:n1], kt[b0:b1])
+                if bias is not None:
+                    s = s - bias[b0:b1]
+                val, idx = torch.max(s, dim=-1)
+                index[b0:b1, n0:n1] = idx
+                best[b0:b1, n0:n1] = val
+                del s
+        if metric == "cosine":
+            sim = best
+        else:
+            matched = torch.gather(kn, 1, index[..., None].expand(-1, -1, c))
+            sim = (qn * matched).sum(-1)
+    return Matches(
+        valid=torch.ones(b, n, dtype=torch.bool, device=q.device),
+        weight=torch.ones(b, n, dtype=torch.float32, device=q.device),
+        key_index=index,
+        in_box=in_box,
+        similarity=sim,
+        key_shape=k_shape,
+    )
+
+
+class SimilarityMatcher(nn.Module):
+    """Module form of :func:`similarity_match` (DenseCL / PixCon-Sim argmax matching).
+
+    Args:
+        chunk_size: query rows whose similarities are held at once (>= 1).
+        metric: ``"cosine"`` (DenseCL, PixCon) or ``"l2"`` (VICRegL feature matching).
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> f = torch.randn(2, 8, 4, 4)
+        >>> m = SimilarityMatcher(chunk_size=5)(f, f)  # identical views: every cell matches itself
+        >>> bool((m.key_index == torch.arange(16)).all()), m.key_shape
+        (True, (4, 4))
+    """
+
+    def __init__(self, chunk_size: int = 1024, metric: Literal["cosine", "l2"] = "cosine") -> None:
+        super().__init__()
+        _check_options(chunk_size, metric)
+        self.chunk_size = chunk_size
+        self.metric = metric
+
+    def forward(
+        self,
+        query_features: Tensor,
+        key_features: Tensor,
+        *,
+        query_geometry: ViewGeometry | None = None,
+        key_geometry: ViewGeometry | None = None,
+        query_shape: tuple[int, int] | None = None,
+        key_shape: tuple[int, int] | None = None,
+    ) -> Matches:
+        """See :func:`similarity_match`."""
+        return similarity_match(
+            query_features, key_features, self.chunk_size, self.metric,
+            query_geometry=query_geometry, key_geometry=key_geometry,
+            query_shape=query_shape, key_shape=key_shape,
+        )
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}, metric={self.metric!r}"

@@ -1,0 +1,224 @@
+"""Per-query weights for dense losses: PixCon semantic reweighting (PixCon-SR) and its ablations.
+
+Convention:
+    Weights are ``(B, N)`` over the queries of a :class:`~densecontrast.matching.Matches`
+    (query cells of view 1, row-major). They carry no gradient and are computed in float32
+    (float64 inputs stay float64) with autocast disabled. Losses reduce with
+    ``sum(w * valid * loss) / max(sum(w * valid), eps)`` over the whole batch, as PixCon does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from densecontrast.geometry import ViewGeometry, in_box_mask
+from densecontrast.matching.matches import Matches
+
+__all__ = ["SemanticReweighting", "semantic_reweighting"]
+
+_MODES = ("sr", "spatial", "similarity")
+_DEGENERATE = ("one", "zero")
+
+
+def _check_options(gamma: object, mode: object, degenerate: object, eps: object) -> None:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"gamma must be a finite number >= 0, but got {gamma!r}")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, but got {mode!r}")
+    if degenerate not in _DEGENERATE:
+        raise ValueError(f"degenerate must be one of {_DEGENERATE}, but got {degenerate!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a number > 0, but got {eps!r}")
+
+
+def semantic_reweighting(
+    similarity: Tensor | None,
+    in_box: Tensor | None,
+    gamma: float = 2.0,
+    mode: Literal["sr", "spatial", "similarity"] = "sr",
+    degenerate: Literal["one", "zero"] = "one",
+    eps: float = 1e-6,
+) -> Tensor:
+    """PixCon semantic reweighting (Eq. 7 as released) and the "Spa." / "Sim." ablations.
+
+    ``mode="sr"`` (PixCon-SR). Per image, with ``s`` the matched similarity of every query
+    (the max cosine of :func:`~densecontrast.matching.similarity_match`) and ``M`` the in-box
+    queries::
+
+        w_i = 1                                                   if i in M
+        w_i = ((s_i - min_{all j} s_j) / (max_{j not in M} s_j - min_{all j} s_j)) ** gamma   otherwise
+
+    The min runs over **all** queries of the image, the max over **out-of-box** queries only,
+    so out-of-box weights lie in ``[0, 1]`` and the most similar out-of-box query gets 1.
+    Degenerate images, where the denominator is ``<= eps`` (all out-of-box ``s`` equal the
+    minimum, e.g. a single out-of-box query that also holds the minimum; upstream this is
+    ``0 / 0 = NaN`` and poisons the loss), give their out-of-box queries weight 1
+    (``degenerate="one"``, treat them like plain PixCon-Sim) or 0 (``"zero"``, drop them).
+    The denominator is also clamped to ``eps``. Images with no out-of-box query are all 1.
+
+    ``mode="spatial"`` (Table 3 "Spa."): ``w = 1[in_box]``. ``mode="similarity"`` ("Sim.",
+    upstream ``use_mask=False``): ``w = max(s, 0) ** gamma``. Negative similarities are
+    **clamped to 0** here; upstream raises them to the power directly, so with an even
+    ``gamma`` a cosine of -0.9 would weigh 0.81, rewarding dissimilar matches.
+
+    Args:
+        similarity: ``(B, N)`` float matched similarities (not needed for ``"spatial"``).
+        in_box: ``(B, N)`` bool, query inside the key view (not needed for ``"similarity"``).
+        gamma: sharpening exponent (PixCon default 2), ``>= 0``.
+        mode: ``"sr"``, ``"spatial"`` or ``"similarity"``.
+        degenerate: out-of-box weight for degenerate images in ``"sr"``: ``"one"`` or ``"zero"``.
+        eps: denominator guard (> 0).
+
+    Returns:
+        ``(B, N)`` float32 weights (float64 for float64 similarity), detached, finite.
+
+    Raises:
+        ValueError: bad shapes or dtypes, or an unknown ``mode`` / ``degenerate``.
+
+    Example:
+        >>> s = torch.tensor([[0.9, 0.2, 0.6, 0.4]])
+        >>> in_box = torch.tensor([[True, True, False, False]])
+        >>> semantic_reweighting(s, in_box)  # out-of-box: ((0.6-0.2)/(0.6-0.2))^2, ((0.4-0.2)/0.4)^2
+        tensor([[1.0000, 1.0000, 1.0000, 0.2500]])
+        >>> semantic_reweighting(torch.tensor([[0.5, 0.1]]), torch.tensor([[True, False]]))  # 0/0 upstream
+        tensor([[1., 1.]])
+    """
+    _check_options(gamma, mode, degenerate, eps)
+    ref = similarity if similarity is not None else in_box
+    if ref is None:
+        raise ValueError("similarity and in_box must not both be None")
+    if ref.dim() != 2:
+        name = "similarity" if similarity is not None else "in_box"
+        raise ValueError(f"{name} must have shape (B, N), but got {tuple(ref.shape)}")
+    if similarity is not None and not similarity.is_floating_point():
+        raise ValueError(f"similarity must be a float (B, N) tensor, but got dtype {similarity.dtype}")
+    if in_box is not None:
+        if in_box.shape != ref.shape:
+            raise ValueError(f"in_box must have shape (B, N) = {tuple(ref.shape)}, but got {tuple(in_box.shape)}")
+        if in_box.dtype != torch.bool:
+            raise ValueError(f"in_box must be a bool tensor, but got dtype {in_box.dtype}")
+    if mode != "spatial" and similarity is None:
+        raise ValueError(f"similarity is required for mode={mode!r}, but got None")
+    if mode != "similarity" and in_box is None:
+        raise ValueError(f"in_box is required for mode={mode!r}, but got None")
+
+    dtype = torch.float64 if similarity is not None and similarity.dtype == torch.float64 else torch.float32
+    with torch.no_grad(), torch.autocast(device_type=ref.device.type, enabled=False):
+        if mode == "spatial":
+            assert in_box is not None
+            return in_box.to(dtype)
+        assert similarity is not None
+        s = similarity.detach().to(dtype)
+        if mode == "similarity":
+            return s.clamp_min(0) ** gamma
+        assert in_box is not None
+        s_min = s.amin(dim=1, keepdim=True)
+        s_max_out = s.masked_fill(in_box, -math.inf).amax(dim=1, keepdim=True)  # -inf if no out-of-box query
+        den = s_max_out - s_min
+        degenerate_img = ~(den > eps)  # also True for -inf (empty out-of-box set)
+        ratio = ((s - s_min) / den.clamp_min(eps)).clamp(0, 1) ** gamma
+        fill = 1.0 if degenerate == "one" else 0.0
+        out = torch.where(degenerate_img, torch.full_like(ratio, fill), ratio)
+        return torch.where(in_box, torch.ones_like(out), out)
+
+
+class SemanticReweighting(nn.Module):
+    """PixCon-SR weights as a module: multiplies ``matches.weight`` by :func:`semantic_reweighting`.
+
+    Args:
+        gamma: sharpening exponent (PixCon default 2).
+        in_box_rule: ``"center"`` (cell center inside the key view) or ``"pixcon"`` (the
+            upstream floor rule, for parity); used when geometry is passed to ``forward``.
+        mode: ``"sr"``, ``"spatial"`` or ``"similarity"``.
+        degenerate: out-of-box weight for degenerate images: ``"one"`` or ``"zero"``.
+        eps: denominator guard.
+
+    Example:
+        >>> from densecontrast.matching import similarity_match
+        >>> size = torch.tensor([64.0, 64.0])
+        >>> q = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 64.0, 64.0]]), None, size)
+        >>> k = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 32.0, 64.0]]), None, size)
+        >>> _ = torch.manual_seed(0)
+        >>> m = similarity_match(torch.randn(1, 8, 2, 2), torch.randn(1, 8, 2, 2))
+        >>> w = SemanticReweighting()(m, q, k, (2, 2)).weight
+        >>> w[0, [0, 2]]  # the left column lies in the key view: weight 1
+        tensor([1., 1.])
+        >>> bool(((w >= 0) & (w <= 1)).all())
+        True
+    """
+
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        in_box_rule: Literal["center", "pixcon"] = "center",
+        mode: Literal["sr", "spatial", "similarity"] = "sr",
+        degenerate: Literal["one", "zero"] = "one",
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        _check_options(gamma, mode, degenerate, eps)
+        if in_box_rule not in ("center", "pixcon"):
+            raise ValueError(f"in_box_rule must be 'center' or 'pixcon', but got {in_box_rule!r}")
+        self.gamma = float(gamma)
+        self.in_box_rule = in_box_rule
+        self.mode = mode
+        self.degenerate = degenerate
+        self.eps = float(eps)
+
+    def forward(
+        self,
+        matches: Matches,
+        query_geometry: ViewGeometry | None = None,
+        key_geometry: ViewGeometry | None = None,
+        query_shape: tuple[int, int] | None = None,
+    ) -> Matches:
+        """Reweight ``matches``.
+
+        Args:
+            matches: a :class:`Matches` with ``similarity`` (unless ``mode="spatial"``).
+            query_geometry: query views; with ``key_geometry`` and ``query_shape`` the in-box
+                mask is computed with :func:`~densecontrast.geometry.in_box_mask` and
+                ``in_box_rule``. Without geometry, ``matches.in_box`` is used.
+            key_geometry: key views.
+            query_shape: ``(h_q, w_q)`` of the query grid (``h_q * w_q = N``).
+
+        Returns:
+            ``matches`` with ``weight`` multiplied by the new weights (detached) and ``in_box``
+            set to the mask that was used.
+        """
+        if not isinstance(matches, Matches):
+            raise TypeError(f"matches must be a Matches, but got {type(matches).__name__}")
+        in_box = matches.in_box
+        if (query_geometry is None) != (key_geometry is None):
+            raise ValueError("query_geometry and key_geometry must be given together, but got only one")
+        if query_geometry is not None:
+            assert key_geometry is not None
+            if query_shape is None:
+                raise ValueError("query_shape (h_q, w_q) is required with geometry, but got None")
+            h, w = (int(x) for x in query_shape)
+            b, n = matches.valid.shape
+            if h * w != n:
+                raise ValueError(f"query_shape must satisfy h * w = N = {n}, but got {tuple(query_shape)}")
+            if len(query_geometry) != b or len(key_geometry) != b:
+                raise ValueError(
+                    f"query_geometry and key_geometry must hold B = {b} views, "
+                    f"but got {len(query_geometry)} and {len(key_geometry)}"
+                )
+            in_box = in_box_mask(query_geometry, key_geometry, h, w, rule=self.in_box_rule).to(matches.valid.device)
+        if self.mode != "similarity" and in_box is None:
+            raise ValueError("matches.in_box is None: pass query_geometry, key_geometry and query_shape")
+        weights = semantic_reweighting(
+            matches.similarity, in_box, gamma=self.gamma, mode=self.mode, degenerate=self.degenerate, eps=self.eps
+        )
+        out = matches.with_weight(matches.weight.to(weights.dtype) * weights)
+        return out if in_box is None else out.replace(in_box=in_box)
+
+    def extra_repr(self) -> str:
+        return (
+            f"gamma={self.gamma}, in_box_rule={self.in_box_rule!r}, mode={self.mode!r}, "
+            f"degenerate={self.degenerate!r}"
+        )

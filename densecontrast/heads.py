@@ -63,6 +63,11 @@ __all__ = [
 ]
 
 
+def _f32(x: Tensor) -> Tensor:
+    """At least float32 (half / bfloat16 are upcast, float64 is kept)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _check_dims(**dims: int) -> None:
     for name, value in dims.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -226,12 +231,12 @@ def pixel_propagation(x: Tensor, gx: Tensor, gamma: float = 2.0) -> Tensor:
         raise ValueError(f"gamma must be > 0, but got {gamma!r}")
     b, _, h, w = x.shape
     with torch.autocast(device_type=x.device.type, enabled=False):
-        xn = F.normalize(x.float().flatten(2), dim=1)  # (B, D, N)
+        xn = F.normalize(_f32(x).flatten(2), dim=1)  # (B, D, N)
         sim = torch.bmm(xn.transpose(1, 2), xn).clamp_min(0)  # (B, N, N), s_ij
         if gamma < 1:  # d/ds s^gamma is infinite at 0
             sim = sim + 1e-6
         sim = sim.pow(gamma)
-        y = torch.bmm(gx.float().flatten(2), sim.transpose(1, 2))  # (B, D', N): y_i = sum_j s_ij g_j
+        y = torch.bmm(_f32(gx).flatten(2), sim.transpose(1, 2))  # (B, D', N): y_i = sum_j s_ij g_j
     return y.reshape(b, -1, h, w)
 
 
@@ -279,7 +284,7 @@ class PixelPropagation(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Propagate ``(B, D, h, w)`` -> ``(B, D, h, w)``."""
         _check_input("x", x, 4, self.dim, "(B, D, h, w)")
-        gx = F.normalize(self.transform(x).float(), dim=1)
+        gx = F.normalize(_f32(self.transform(x)), dim=1)
         return pixel_propagation(x, gx, self.gamma)
 
 

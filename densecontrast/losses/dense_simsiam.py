@@ -31,6 +31,11 @@ from densecontrast.losses.reduction import check_finite_positive, check_reductio
 __all__ = ["DenseSimSiamLoss", "RegionSimLoss", "dense_simsiam_loss", "region_embeddings", "region_sim_loss"]
 
 
+def _f32(x: Tensor) -> Tensor:
+    """At least float32 (half / bfloat16 are upcast, float64 is kept)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _check_same(names: tuple[str, ...], tensors: tuple[Tensor, ...], pattern: tuple[str, ...]) -> None:
     for name, t in zip(names, tensors):
         check_shape(name, t, pattern, floating=True)
@@ -73,10 +78,10 @@ def dense_simsiam_loss(
     if valid is not None:
         check_shape("valid", valid, (b, n))
     with torch.autocast(device_type=p1.device.type, enabled=False):
-        d12 = -(F.normalize(p1.float(), dim=-1) * F.normalize(z2.detach().float(), dim=-1)).sum(-1)
-        d21 = -(F.normalize(p2.float(), dim=-1) * F.normalize(z1.detach().float(), dim=-1)).sum(-1)
+        d12 = -(F.normalize(_f32(p1), dim=-1) * F.normalize(_f32(z2.detach()), dim=-1)).sum(-1)
+        d21 = -(F.normalize(_f32(p2), dim=-1) * F.normalize(_f32(z1.detach()), dim=-1)).sum(-1)
         loss = 0.5 * d12 + 0.5 * d21  # (B, N)
-        return reduce(loss, None if valid is None else valid.float(), reduction)
+        return reduce(loss, None if valid is None else _f32(valid), reduction)
 
 
 class DenseSimSiamLoss(nn.Module):
@@ -144,8 +149,8 @@ def region_embeddings(mask_logits: Tensor, features: Tensor) -> Tensor:
             f"but got {tuple(features.shape)}"
         )
     with torch.autocast(device_type=features.device.type, enabled=False):
-        masks = torch.softmax(mask_logits.float(), dim=1)
-        return torch.einsum("bkhw,bchw->bkc", masks, features.float())
+        masks = torch.softmax(_f32(mask_logits), dim=1)
+        return torch.einsum("bkhw,bchw->bkc", masks, _f32(features))
 
 
 def region_sim_loss(
@@ -186,7 +191,7 @@ def region_sim_loss(
     with torch.autocast(device_type=p1.device.type, enabled=False):
 
         def _direction(p: Tensor, z: Tensor) -> Tensor:
-            logits = torch.bmm(F.normalize(p.float(), dim=-1), F.normalize(z.float(), dim=-1).transpose(1, 2)) / tau
+            logits = torch.bmm(F.normalize(_f32(p), dim=-1), F.normalize(_f32(z), dim=-1).transpose(1, 2)) / tau
             return -torch.diagonal(torch.log_softmax(logits, dim=-1), dim1=1, dim2=2)  # (B, K)
 
         loss = 0.5 * (_direction(p1, z2) + _direction(p2, z1))

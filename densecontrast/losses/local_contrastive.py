@@ -32,6 +32,11 @@ from densecontrast.matching.matches import Matches, sample_points
 __all__ = ["LocalContrastiveLoss", "local_contrastive_loss"]
 
 
+def _f32(x: Tensor) -> Tensor:
+    """At least float32 (half / bfloat16 are upcast, float64 is kept)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def local_contrastive_loss(
     query: Tensor, key: Tensor, matches: Matches, temperature: float, reduction: str = "mean"
 ) -> Tensor:
@@ -91,11 +96,11 @@ def local_contrastive_loss(
         raise ValueError(f"matches.key_shape must equal the key grid {(hk, wk)}, but got {matches.key_shape}")
 
     with torch.autocast(device_type=query.device.type, enabled=False):
-        qn = F.normalize(query.float().flatten(2).transpose(1, 2), dim=-1)  # (B, N, D)
-        kn = F.normalize(key.float().flatten(2), dim=1)  # (B, D, M)
+        qn = F.normalize(_f32(query).flatten(2).transpose(1, 2), dim=-1)  # (B, N, D)
+        kn = F.normalize(_f32(key).flatten(2), dim=1)  # (B, D, M)
         nll = -torch.log_softmax(torch.bmm(qn, kn) / tau, dim=-1)  # (B, N, M)
         valid = matches.valid
-        pts = torch.where(valid[..., None], matches.key_points.detach().float(), 0.0)
+        pts = torch.where(valid[..., None], _f32(matches.key_points.detach()), 0.0)
         sampled = sample_points(nll.reshape(b * n, 1, hk, wk), pts.reshape(b * n, 1, 2)).reshape(b, n)
         return reduce(sampled, matches.effective_weight, reduction)
 

@@ -30,6 +30,11 @@ from densecontrast.matching.matches import Matches
 
 __all__ = ["PixProConsistencyLoss", "pixpro_consistency_loss"]
 
+
+def _f32(x: Tensor) -> Tensor:
+    """At least float32 (half / bfloat16 are upcast, float64 is kept)."""
+    return x if x.dtype == torch.float64 else x.float()
+
 _PER_IMAGE = ("pairs", "valid_images")
 
 
@@ -101,8 +106,8 @@ def pixpro_consistency_loss(
     _check_matches(matches, b, h * w, (hk, wk))
 
     with torch.autocast(device_type=propagated.device.type, enabled=False):
-        y = F.normalize(propagated.float().flatten(2).transpose(1, 2), dim=-1)  # (B, N, D)
-        tgt = target.detach().float()
+        y = F.normalize(_f32(propagated).flatten(2).transpose(1, 2), dim=-1)  # (B, N, D)
+        tgt = _f32(target.detach())
         if matches.key_index is not None:
             keys = F.normalize(tgt.flatten(2).transpose(1, 2), dim=-1)  # (B, M, D)
             pos = matches.gather(keys)
@@ -113,7 +118,7 @@ def pixpro_consistency_loss(
             pos, mask = pos[:, :, None], valid[..., None]
         else:
             mask = matches.key_mask & valid[..., None]  # type: ignore[operator]
-        pair_w = mask.float() * matches.weight.detach().float()[..., None]  # A_ij, (B, N, k)
+        pair_w = _f32(mask) * _f32(matches.weight.detach())[..., None]  # A_ij, (B, N, k)
         cos = torch.einsum("bnd,bnkd->bnk", y, pos)
         num = torch.where(pair_w != 0, pair_w * cos, torch.zeros_like(cos)).sum(dim=(1, 2))
         den = pair_w.sum(dim=(1, 2))

@@ -1,0 +1,198 @@
+"""Backbones that return the last feature map (C5) for dense pre-training.
+
+=============  ============  =========  =============  ====================================
+name           out_channels  stride     parameters     output for a 224 x 224 input
+=============  ============  =========  =============  ====================================
+``resnet18``   512           32         11.2 M         (B, 512, 7, 7)
+``resnet34``   512           32         21.3 M         (B, 512, 7, 7)
+``resnet50``   2048          32 (16, 8) 23.5 M         (B, 2048, 7, 7)  (14 x 14, 28 x 28)
+``resnet101``  2048          32 (16, 8) 42.5 M         (B, 2048, 7, 7)
+``tiny``       128           8 (16)     0.28 M (0.43)  (B, 128, 28, 28)  (14 x 14)
+=============  ============  =========  =============  ====================================
+
+Every stride-2 layer uses padding so that an input of ``H x W`` gives a map of
+``ceil(H / stride) x ceil(W / stride)`` (a 96-px demo view gives 3 x 3 with ResNets and
+12 x 12 with ``tiny``). The ResNets are torchvision's, randomly initialised (never
+downloaded), with ``avgpool`` and ``fc`` removed; their ``state_dict`` keys are torchvision's,
+so :func:`densecontrast.engine.export_backbone` output loads into ``torchvision.models``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+import torchvision
+from torch import Tensor, nn
+
+__all__ = ["BACKBONES", "ResNetTrunk", "TinyConvNet", "build_backbone", "convert_sync_batchnorm"]
+
+BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "tiny")
+"""Names accepted by :func:`build_backbone`."""
+
+
+class ResNetTrunk(nn.Module):
+    """A torchvision ResNet without ``avgpool`` / ``fc``: image ``(B, 3, H, W)`` -> C5 ``(B, C, h, w)``.
+
+    The submodules keep torchvision's names (``conv1``, ``bn1``, ``layer1`` ... ``layer4``), so
+    ``state_dict`` keys match ``torchvision.models.resnet*`` minus ``fc.*``.
+
+    Args:
+        resnet: a ``torchvision.models.ResNet``; its stem and four stages are reused (not copied).
+
+    Attributes:
+        out_channels: channels of the output map (512 for ResNet-18/34, 2048 for 50/101/152).
+        stride: input pixels per output cell (32, or 16 / 8 with dilation).
+
+    Example:
+        >>> import torch, torchvision
+        >>> trunk = ResNetTrunk(torchvision.models.resnet18())
+        >>> trunk(torch.zeros(1, 3, 64, 96)).shape, trunk.stride
+        (torch.Size([1, 512, 2, 3]), 32)
+    """
+
+    def __init__(self, resnet: torchvision.models.ResNet) -> None:
+        super().__init__()
+        if not isinstance(resnet, torchvision.models.ResNet):
+            raise ValueError(f"resnet must be a torchvision.models.ResNet, but got {type(resnet).__name__}")
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+        last = resnet.layer4[-1]
+        self.out_channels: int = last.bn3.num_features if hasattr(last, "bn3") else last.bn2.num_features
+        self.stride: int = 4 * _stage_stride(self.layer2) * _stage_stride(self.layer3) * _stage_stride(self.layer4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map images ``(B, 3, H, W)`` to the C5 feature map ``(B, out_channels, ceil(H/s), ceil(W/s))``."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _stage_stride(stage: nn.Sequential) -> int:
+    s = 1
+    for m in stage[0].modules():
+        if isinstance(m, nn.Conv2d):
+            s = max(s, m.stride[0])
+    return s
+
+
+def _cbr(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class TinyConvNet(nn.Module):
+    """A small conv-BN-ReLU network for CPU demos and tests: ``(B, 3, H, W)`` -> ``(B, 128, ceil(H/s), ceil(W/s))``.
+
+    Five (stride 8) or six (stride 16) 3x3 conv-BN-ReLU layers, widths 32-64-64-128-128(-128),
+    about 0.28 M (0.43 M) parameters: a few CPU minutes per demo run on 96-px views.
+
+    Args:
+        stride: output stride, 8 or 16.
+        in_channels: input channels (3 for RGB).
+        width: channels of the first layer; later layers use 2x and 4x this (default 32).
+
+    Attributes:
+        out_channels: ``4 * width``.
+        stride: the output stride.
+
+    Example:
+        >>> import torch
+        >>> net = TinyConvNet(stride=8)
+        >>> net(torch.zeros(2, 3, 96, 96)).shape, net.out_channels
+        (torch.Size([2, 128, 12, 12]), 128)
+        >>> 100_000 < sum(p.numel() for p in net.parameters()) < 500_000
+        True
+    """
+
+    def __init__(self, stride: int = 8, in_channels: int = 3, width: int = 32) -> None:
+        super().__init__()
+        if stride not in (8, 16):
+            raise ValueError(f"stride must be 8 or 16, but got {stride}")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, but got {in_channels}")
+        if width < 1:
+            raise ValueError(f"width must be >= 1, but got {width}")
+        w1, w2, w3 = width, 2 * width, 4 * width
+        layers = [*_cbr(in_channels, w1, 2), *_cbr(w1, w2, 2), *_cbr(w2, w2, 1), *_cbr(w2, w3, 2), *_cbr(w3, w3, 1)]
+        if stride == 16:
+            layers += _cbr(w3, w3, 2)
+        self.features = nn.Sequential(*layers)
+        self.out_channels: int = w3
+        self.stride: int = stride
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map images ``(B, in_channels, H, W)`` to ``(B, out_channels, ceil(H/stride), ceil(W/stride))``."""
+        return self.features(x)
+
+
+def build_backbone(name: str = "resnet50", *, output_stride: int | None = None, **kwargs: Any) -> tuple[nn.Module, int]:
+    """Build a randomly initialised backbone returning its last feature map.
+
+    Args:
+        name: one of :data:`BACKBONES`: ``"resnet18"``, ``"resnet34"``, ``"resnet50"``,
+            ``"resnet101"``, ``"resnet152"`` or ``"tiny"``.
+        output_stride: 32 (default for ResNets), or 16 / 8 for the bottleneck ResNets
+            (50/101/152; the last one or two stages use dilation instead of striding, as in
+            DeepLab), or 8 (default) / 16 for ``"tiny"``.
+        **kwargs: forwarded to the torchvision constructor (e.g. ``zero_init_residual=True``,
+            ``norm_layer``) or to :class:`TinyConvNet` (``in_channels``, ``width``).
+
+    Returns:
+        ``(module, out_channels)``; the module maps ``(B, 3, H, W)`` to
+        ``(B, out_channels, ceil(H / stride), ceil(W / stride))`` and has attributes
+        ``out_channels`` and ``stride``. No weights are downloaded.
+
+    Raises:
+        ValueError: for an unknown name or an unsupported stride.
+
+    Example:
+        >>> import torch
+        >>> net, c = build_backbone("resnet18")
+        >>> net(torch.zeros(1, 3, 224, 224)).shape, c, net.stride
+        (torch.Size([1, 512, 7, 7]), 512, 32)
+        >>> net, c = build_backbone("tiny", output_stride=16)
+        >>> net(torch.zeros(1, 3, 96, 96)).shape
+        torch.Size([1, 128, 6, 6])
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"name must be one of {BACKBONES}, but got {name!r}")
+    if name == "tiny":
+        net = TinyConvNet(stride=8 if output_stride is None else output_stride, **kwargs)
+        return net, net.out_channels
+    os_ = 32 if output_stride is None else output_stride
+    if os_ not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32 for {name}, but got {output_stride}")
+    if os_ != 32 and name in ("resnet18", "resnet34"):
+        raise ValueError(f"output_stride must be 32 for {name} (its BasicBlock has no dilation), but got {os_}")
+    dilate = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}[os_]
+    if os_ != 32:
+        kwargs["replace_stride_with_dilation"] = dilate
+    resnet = getattr(torchvision.models, name)(weights=None, **kwargs)
+    trunk = ResNetTrunk(resnet)
+    return trunk, trunk.out_channels
+
+
+def convert_sync_batchnorm(model: nn.Module, enabled: bool | None = None) -> nn.Module:
+    """Replace every ``BatchNorm*d`` by ``SyncBatchNorm`` when it makes a difference.
+
+    Args:
+        model: the network (before wrapping it in DDP).
+        enabled: convert or not; default: only when a process group with more than one process
+            exists (on one process ``SyncBatchNorm`` would only add overhead).
+
+    Returns:
+        The converted model (a new root module if the root itself was a BatchNorm), or ``model``.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+        >>> type(convert_sync_batchnorm(m)[1]).__name__  # not distributed: unchanged
+        'BatchNorm2d'
+        >>> type(convert_sync_batchnorm(m, enabled=True)[1]).__name__
+        'SyncBatchNorm'
+    """
+    if enabled is None:
+        enabled = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if enabled else model

@@ -279,6 +279,17 @@ def _check_prob(p: float, name: str) -> float:
     return float(p)
 
 
+class _ToRGB(nn.Module):
+    """Repeat a 1-channel view to 3 channels; reject other channel counts (the colour ops assume RGB)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 3 or x.shape[-3] not in (1, 3):
+            raise ValueError(
+                f"image must have 1 or 3 channels (C, H, W) for the colour pipeline, but got shape {tuple(x.shape)}"
+            )
+        return x.expand(*x.shape[:-3], 3, *x.shape[-2:]) if x.shape[-3] == 1 else x
+
+
 def color_pipeline(
     *,
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
@@ -293,7 +304,8 @@ def color_pipeline(
 ) -> v2.Compose:
     """The photometric part of a view: a ``torchvision.transforms.v2`` pipeline on a ``(C, H, W)`` tensor.
 
-    Steps, in order: ``ToDtype(float32, scale=True)`` (``uint8`` -> ``[0, 1]``), then, if
+    Steps, in order: 1-channel views are repeated to 3 channels (other channel counts raise
+    ``ValueError``), ``ToDtype(float32, scale=True)`` (``uint8`` -> ``[0, 1]``), then, if
     ``color``: ``ColorJitter(*jitter)`` with probability ``jitter_p``, ``RandomGrayscale(gray_p)``,
     ``GaussianBlur(blur_kernel, blur_sigma)`` with probability ``blur_p``,
     ``RandomSolarize(0.5, solarize_p)``; finally, if ``normalize``, ``Normalize`` with the
@@ -309,10 +321,10 @@ def color_pipeline(
         blur_sigma: range of the blur standard deviation (pixels); not scaled with the size.
         solarize_p: probability of solarizing (threshold 0.5 on ``[0, 1]`` values).
         color: ``False`` keeps only the dtype conversion and normalization (for geometry checks).
-        normalize: apply the ImageNet ``Normalize`` at the end (needs 3 channels).
+        normalize: apply the ImageNet ``Normalize`` at the end.
 
     Returns:
-        A ``v2.Compose`` returning float32 ``(C, H, W)`` tensors.
+        A ``v2.Compose`` returning float32 ``(3, H, W)`` tensors.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -326,7 +338,7 @@ def color_pipeline(
     solarize_p = _check_prob(solarize_p, "solarize_p")
     if isinstance(blur_kernel, bool) or not isinstance(blur_kernel, int) or blur_kernel < 1 or blur_kernel % 2 == 0:
         raise ValueError(f"blur_kernel must be a positive odd int, but got {blur_kernel!r}")
-    steps: list[Callable[..., Any]] = [v2.ToDtype(torch.float32, scale=True)]
+    steps: list[Callable[..., Any]] = [_ToRGB(), v2.ToDtype(torch.float32, scale=True)]
     if color:
         if jitter_p > 0:
             steps.append(v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p))
@@ -406,6 +418,13 @@ class ViewTransform(nn.Module):
 
         Returns:
             ``(top, left, height, width)`` in pixels.
+
+        Example:
+            >>> _ = torch.manual_seed(0)
+            >>> t = ViewTransform(8, scale=(0.25, 0.25), ratio=(1.0, 1.0))
+            >>> top, left, h, w = t.sample_crop(torch.zeros(3, 40, 40))
+            >>> (h, w)
+            (20, 20)
         """
         height, width = image.shape[-2:]
         if not self.crop:
@@ -416,14 +435,24 @@ class ViewTransform(nn.Module):
 
     def center_crop(self, image: Tensor) -> Crop:
         """The deterministic fallback crop: :func:`center_crop_params` with this view's ``ratio``
-        (the full image when ``crop=False``)."""
+        (the full image when ``crop=False``).
+
+        Example:
+            >>> ViewTransform(8).center_crop(torch.zeros(3, 30, 90))
+            (0, 25, 30, 40)
+        """
         height, width = (int(s) for s in image.shape[-2:])
         if not self.crop:
             return 0, 0, height, width
         return center_crop_params(height, width, self.ratio)
 
     def sample_flip(self) -> bool:
-        """Draw the flip decision (``True`` with probability ``flip_p``)."""
+        """Draw the flip decision (``True`` with probability ``flip_p``, from torch's global generator).
+
+        Example:
+            >>> ViewTransform(8, flip_p=1.0).sample_flip()
+            True
+        """
         if self.flip_p == 0.0:
             return False
         if self.flip_p == 1.0:
@@ -440,6 +469,12 @@ class ViewTransform(nn.Module):
 
         Returns:
             ``(view, geometry)``: the ``(C, h, w)`` view and its one-view geometry.
+
+        Example:
+            >>> view, g = ViewTransform((2, 4)).apply(torch.arange(16.0).view(1, 4, 4), (2, 0, 2, 4), True)
+            >>> view, g.boxes, g.flips
+            (tensor([[[11., 10.,  9.,  8.],
+                     [15., 14., 13., 12.]]]), tensor([[0., 2., 4., 4.]]), tensor([True]))
         """
         view = resized_crop_flip(
             image, crop, flip, self.size, interpolation=self.interpolation, antialias=self.antialias
@@ -554,6 +589,12 @@ class MultiViewTransform(nn.Module):
             ``(crops, tries, fallback)``: one ``(top, left, height, width)`` per view, the number of
             crops drawn per view (0 for views after the one that triggered the fallback), and whether
             the center-crop fallback was taken.
+
+        Example:
+            >>> _ = torch.manual_seed(0)
+            >>> t = MultiViewTransform([ViewTransform(8, scale=(0.01, 0.02))] * 2, min_overlap=1.0, max_tries=3)
+            >>> t.sample_crops(torch.zeros(3, 40, 40))  # tiny crops never nest: the center-crop fallback
+            ([(0, 0, 40, 40), (0, 0, 40, 40)], [1, 3], True)
         """
         transforms: list[ViewTransform] = list(self.view_transforms)  # type: ignore[arg-type]
         first = transforms[0].sample_crop(image)

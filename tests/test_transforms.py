@@ -357,7 +357,21 @@ def test_preset_photometric_parameters_follow_the_papers():
     assert lc.view_transforms[1].crop and lc.view_transforms[1].flip_p == 0.5
     assert "GaussianBlur" in _steps(lc, 0) and "RandomSolarize" in _steps(lc, 1)
     off = _steps(byol_views(32, color=False), 1)
-    assert set(off) == {"ToDtype", "Normalize"}
+    assert set(off) == {"_ToRGB", "ToDtype", "Normalize"}
+
+
+def test_presets_accept_grayscale_and_reject_other_channel_counts():
+    torch.manual_seed(0)
+    t = byol_views(8, color=False, normalize=False)
+    gray = torch.rand(1, 20, 20)
+    views, geoms = t(gray)
+    for v, g in zip(views, geoms):
+        assert v.shape == (3, 8, 8)
+        assert torch.equal(v[0], v[1]) and torch.equal(v[1], v[2])
+        ref = resized_crop_flip(gray, box_of(g), bool(g.flips[0]), 8)
+        torch.testing.assert_close(v[:1], ref)
+    with pytest.raises(ValueError, match="image must have 1 or 3 channels"):
+        t(torch.rand(2, 20, 20))
 
 
 def test_colour_off_equals_normalized_resized_crop():

@@ -1,0 +1,184 @@
+"""Benchmark of the dense InfoNCE loss against a queue: time (forward + backward) and peak memory.
+
+Three implementations of the same per-query loss ``-log softmax([q.k+, q.Q] / tau)_0`` with
+``P = B * h * w`` queries, ``K`` queue negatives and dimension ``D``; the gradient is taken with
+respect to the queries only (the queue is a buffer, the keys come from the momentum encoder):
+
+* ``naive``: ``logits = cat([l_pos, q @ Q^T], 1) / tau`` then ``cross_entropy(logits, 0)`` and
+  ``.mean().backward()`` — what DenseCL / PixCon do. Keeps several ``(P, K + 1)`` float32 matrices.
+* ``floor``: the bare work any exact implementation has to do: ``L = q @ Q^T`` (one
+  ``(P x D) @ (D x K)`` product), ``logsumexp(L, 1)``, and autograd's backward of that
+  (``softmax(L)`` from the saved ``L``, and one ``(P x K) @ (K x D)`` product for ``grad_q``). It
+  ignores the positive logit and the temperature. It is run in query chunks of the same size as
+  ours so that it fits in memory at every size (the arithmetic is identical to the unchunked
+  version; chunking only changes memory).
+* ``matmuls``: only the two products ``L = q @ Q^T`` and ``L @ Q`` per chunk, no exponentials —
+  the pure arithmetic lower bound (no exact implementation can be faster).
+* ``ours``: :func:`densecontrast.losses.dense_infonce.dense_info_nce` (custom autograd function,
+  query chunks of about 64 MiB of logits, softmax-weighted negatives accumulated in the forward).
+
+Time is the minimum wall-clock time of ``--repeats`` runs of forward + backward. Peak memory is
+measured by :class:`LiveTensorBytes`, a ``TorchDispatchMode`` that counts the bytes of every tensor
+storage created by an operator while it is alive (a weak-reference finalizer subtracts it when its
+last tensor dies) and records the maximum, relative to the inputs that exist before the call. It
+sees every tensor allocated by ATen operators on any device, including those kept for backward.
+
+Usage::
+
+    python benchmarks/losses.py                 # 7x7 and 14x14 (naive included), 28x28 (no naive)
+    python benchmarks/losses.py --naive-28      # also the naive path at 28x28 (needs ~20 GB)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from densecontrast.losses.dense_infonce import default_chunk_size, dense_info_nce
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Track the bytes of live tensor storages created inside the mode; ``peak`` is the maximum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._refs: dict[int, int] = {}  # storage data_ptr -> number of live tensors using it
+        self._sizes: dict[int, int] = {}
+
+    def _release(self, key: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            self.current -= self._sizes.pop(key)
+            del self._refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0:
+                continue
+            if key not in self._refs:
+                self._refs[key] = 0
+                self._sizes[key] = nbytes
+                self.current += nbytes
+                self.peak = max(self.peak, self.current)
+            self._refs[key] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+def naive(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
+    l_pos = (q * k).sum(1, keepdim=True)
+    logits = torch.cat([l_pos, q @ queue.t()], dim=1) / tau
+    target = torch.zeros(q.shape[0], dtype=torch.long)
+    return F.cross_entropy(logits, target)
+
+
+def floor_fwd_bwd(q: torch.Tensor, queue: torch.Tensor, chunk: int) -> None:
+    for start in range(0, q.shape[0], chunk):
+        qc = q[start:start + chunk].detach().requires_grad_()
+        torch.logsumexp(qc @ queue.t(), dim=1).sum().backward()
+
+
+def matmuls_only(q: torch.Tensor, queue: torch.Tensor, chunk: int) -> None:
+    for start in range(0, q.shape[0], chunk):
+        (q[start:start + chunk] @ queue.t()) @ queue
+
+
+def measure(fn: Callable[[], None], repeats: int) -> tuple[float, int]:
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    gc.collect()
+    mode = LiveTensorBytes()
+    with mode:
+        fn()
+    gc.collect()
+    return min(times), mode.peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--queue", type=int, default=65536)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[7, 14, 28])
+    parser.add_argument("--naive-max", type=int, default=14, help="largest grid side for which naive runs")
+    parser.add_argument("--naive-28", action="store_true", help="also run naive at 28x28 (about 20 GB)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    tau = 0.2
+    queue = F.normalize(torch.randn(args.queue, args.dim), dim=1)
+    chunk = default_chunk_size(args.queue)
+
+    print(f"device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}, float32, B={args.batch}, K={args.queue}, D={args.dim}, tau={tau}, "
+          f"chunk={chunk} rows\n")
+    print("| grid | P queries | impl | time fwd+bwd (s) | peak memory (MiB) | time / floor | time / naive "
+          "| memory / naive |")
+    print("|---|---|---|---|---|---|---|---|")
+    for side in args.sizes:
+        p = args.batch * side * side
+        q = F.normalize(torch.randn(p, args.dim), dim=1)
+        k = F.normalize(torch.randn(p, args.dim), dim=1)
+
+        def run_ours(q: torch.Tensor = q, k: torch.Tensor = k) -> None:
+            qq = q.detach().requires_grad_()
+            dense_info_nce(qq, k, queue, tau).mean().backward()
+
+        def run_naive(q: torch.Tensor = q, k: torch.Tensor = k) -> None:
+            qq = q.detach().requires_grad_()
+            naive(qq, k, queue, tau).backward()
+
+        def run_floor(q: torch.Tensor = q) -> None:
+            floor_fwd_bwd(q, queue, chunk)
+
+        def run_matmuls(q: torch.Tensor = q) -> None:
+            matmuls_only(q, queue, chunk)
+
+        results: dict[str, tuple[float, int] | None] = {}
+        results["matmuls"] = measure(run_matmuls, args.repeats)
+        results["floor"] = measure(run_floor, args.repeats)
+        results["ours"] = measure(run_ours, args.repeats)
+        if side <= args.naive_max or (side == 28 and args.naive_28):
+            results["naive"] = measure(run_naive, 1 if side >= 28 else args.repeats)
+            # correctness check at the same time
+            a = dense_info_nce(q, k, queue, tau).mean()
+            b = naive(q, k, queue, tau)
+            assert torch.allclose(a, b, rtol=1e-4), (a, b)
+        else:
+            results["naive"] = None
+        floor_t = results["floor"][0]  # type: ignore[index]
+        nv = results["naive"]
+        for name in ("naive", "floor", "matmuls", "ours"):
+            r = results[name]
+            if r is None:
+
+                print(f"| {side}x{side} | {p} | naive | not run | not run | | | |")
+                continue
+            t, mem = r
+            tn = f"{t / nv[0]:.2f}" if nv else ""
+            mn = f"{mem / nv[1]:.4f}" if nv else ""
+            print(f"| {side}x{side} | {p} | {name} | {t:.3f} | {mem / 2**20:.1f} | {t / floor_t:.2f} | {tn} | {mn} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -316,3 +316,13 @@ def test_weighted_mean_and_reduce() -> None:
         weighted_mean(loss, torch.ones(5))
     with pytest.raises(ValueError, match=r"x must have shape \(B, N, D\), but got \(2,\)"):
         check_shape("x", torch.zeros(2), ("B", "N", "D"))
+
+
+def test_no_grad_forward_equals_grad_forward() -> None:
+    gen = torch.Generator().manual_seed(11)
+    q, k, n = unit(9, 4, gen=gen), unit(9, 4, gen=gen), unit(13, 4, gen=gen)
+    with torch.no_grad():
+        a = dense_info_nce(q.requires_grad_(), k, n, 0.2, chunk_size=4)
+    b = dense_info_nce(q, k, n, 0.2, chunk_size=4)
+    assert not a.requires_grad and b.requires_grad
+    torch.testing.assert_close(a, b.detach())

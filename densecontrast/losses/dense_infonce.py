@@ -75,10 +75,12 @@ class _DenseInfoNCEFunction(torch.autograd.Function):
         negatives: Tensor,
         inv_tau: float,
         chunk_size: int,
+        grad_enabled: bool,
     ) -> Tensor:
         p = query.shape[0]
-        need_q_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        need_any = any(ctx.needs_input_grad[:3])  # type: ignore[attr-defined]
+        # needs_input_grad reflects requires_grad only; skip the extra product when no graph is recorded
+        need_q_grad = grad_enabled and ctx.needs_input_grad[0]  # type: ignore[attr-defined]
+        need_any = grad_enabled and any(ctx.needs_input_grad[:3])  # type: ignore[attr-defined]
         qs = query * inv_tau
         l_pos = (qs * positive).sum(-1)
         lse = torch.empty_like(l_pos)
@@ -127,7 +129,7 @@ class _DenseInfoNCEFunction(torch.autograd.Function):
                 prob.sub_(lse[start:stop, None]).exp_().mul_(g[start:stop, None])
                 grad_neg.addmm_(prob.t(), query[start:stop])
                 del prob
-        return grad_q, grad_k, grad_neg, None, None
+        return grad_q, grad_k, grad_neg, None, None, None
 
 
 def dense_info_nce(
@@ -183,7 +185,7 @@ def dense_info_nce(
         if q.shape[0] == 0:
             return (q * k).sum(-1)
         chunk = chunk_size or default_chunk_size(n.shape[0], torch.finfo(dtype).bits // 8)
-        return _DenseInfoNCEFunction.apply(q, k, n, 1.0 / tau, chunk)
+        return _DenseInfoNCEFunction.apply(q, k, n, 1.0 / tau, chunk, torch.is_grad_enabled())
 
 
 def dense_queries(x: Tensor, name: str = "query") -> Tensor:

@@ -15,6 +15,7 @@ Modelled on the helpers of torchvision's classification reference scripts, packa
   ``convert_sync_batchnorm``.
 """
 
+from densecontrast.distributed import unwrap_model
 from densecontrast.engine.backbones import BACKBONES, ResNetTrunk, TinyConvNet, build_backbone, convert_sync_batchnorm
 from densecontrast.engine.checkpoint import (
     checkpoint_path,
@@ -26,21 +27,18 @@ from densecontrast.engine.checkpoint import (
     save_checkpoint,
     save_on_main,
     set_rng_state,
-    unwrap_model,
 )
 from densecontrast.engine.launch import (
     DistInfo,
     PreemptionHandler,
     cleanup,
-    get_rank,
-    get_world_size,
     init_distributed,
     is_main_process,
     seed_everything,
     setup_for_distributed,
 )
 from densecontrast.engine.metrics import JsonlWriter, MetricLogger, SmoothedValue, TensorBoardWriter, progress_bar
-from densecontrast.engine.optim import LARS, WarmupCosineScheduler, param_groups_weight_decay, scale_lr, warmup_cosine
+from densecontrast.engine.optim import LARS, WarmupCosineScheduler, param_groups_weight_decay, scale_lr
 
 __all__ = [
     "BACKBONES",
@@ -60,8 +58,6 @@ __all__ = [
     "convert_sync_batchnorm",
     "export_backbone",
     "gather_rng_states",
-    "get_rank",
-    "get_world_size",
     "init_distributed",
     "is_main_process",
     "load_checkpoint",
@@ -76,5 +72,4 @@ __all__ = [
     "set_rng_state",
     "setup_for_distributed",
     "unwrap_model",
-    "warmup_cosine",
 ]

@@ -19,11 +19,13 @@ so :func:`densecontrast.engine.export_backbone` output loads into ``torchvision.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
-import torchvision
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # torchvision is imported lazily: it doubles the import time of the package
+    import torchvision
 
 __all__ = ["BACKBONES", "ResNetTrunk", "TinyConvNet", "build_backbone", "convert_sync_batchnorm"]
 
@@ -52,6 +54,8 @@ class ResNetTrunk(nn.Module):
     """
 
     def __init__(self, resnet: torchvision.models.ResNet) -> None:
+        import torchvision
+
         super().__init__()
         if not isinstance(resnet, torchvision.models.ResNet):
             raise ValueError(f"resnet must be a torchvision.models.ResNet, but got {type(resnet).__name__}")
@@ -169,6 +173,8 @@ def build_backbone(name: str = "resnet50", *, output_stride: int | None = None, 
     dilate = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}[os_]
     if os_ != 32:
         kwargs["replace_stride_with_dilation"] = dilate
+    import torchvision
+
     resnet = getattr(torchvision.models, name)(weights=None, **kwargs)
     trunk = ResNetTrunk(resnet)
     return trunk, trunk.out_channels

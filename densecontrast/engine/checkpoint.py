@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from densecontrast.distributed import is_distributed, rank, unwrap_model, world_size
+
 __all__ = [
     "checkpoint_path",
     "export_backbone",
@@ -34,14 +36,9 @@ __all__ = [
     "save_checkpoint",
     "save_on_main",
     "set_rng_state",
-    "unwrap_model",
 ]
 
 _ALLOWED_LEAVES = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
-
-
-def _dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def _check_weights_only(obj: Any, where: str) -> None:
@@ -103,7 +100,7 @@ def save_checkpoint(
     """
     if not isinstance(state, Mapping):
         raise ValueError(f"state must be a dict, but got {type(state).__name__}")
-    if main_only and _dist_ready() and dist.get_rank() != 0:
+    if main_only and rank() != 0:
         return False
     if validate:
         _check_weights_only(state, "state")
@@ -304,10 +301,10 @@ def gather_rng_states() -> dict[str, Any]:
         1
     """
     mine = rng_state()
-    if not _dist_ready():
+    if not is_distributed():
         return {"per_rank": [mine]}
     mine = {k: (v if k != "cuda" else [t.cpu() for t in v]) for k, v in mine.items()}
-    out: list[Any] = [None] * dist.get_world_size()
+    out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, mine)
     return {"per_rank": out}
 
@@ -336,14 +333,13 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         raise ValueError(f"state must be a dict from rng_state(), but got {type(state).__name__}")
     if "per_rank" in state:
         per_rank = state["per_rank"]
-        rank = dist.get_rank() if _dist_ready() else 0
-        world = dist.get_world_size() if _dist_ready() else 1
+        world = world_size()
         if len(per_rank) != world:
             raise ValueError(
                 f"state holds RNG states of {len(per_rank)} ranks, but this job has world size {world}; "
                 "re-seed instead of restoring"
             )
-        state = per_rank[rank]
+        state = per_rank[rank()]
     if "python" in state:
         py = state["python"]
         internal = tuple(int(x) for x in torch.as_tensor(py["state"]).tolist())
@@ -366,23 +362,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- export
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers.
-
-    Example:
-        >>> m = nn.Linear(2, 2)
-        >>> unwrap_model(nn.DataParallel(m)) is m
-        True
-    """
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _strip_prefixes(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,9 +14,7 @@ A reference script calls these in this order::
 Everything degrades to a single process on the CPU (or the one GPU) when the script is started
 with plain ``python train.py``: no environment variables, no process group.
 
-Note:
-    The rank / world-size queries here go straight to :mod:`torch.distributed` (a few lines
-    each) so this module has no dependency on the rest of the package.
+Rank and world-size queries come from :mod:`densecontrast.distributed`.
 """
 
 from __future__ import annotations
@@ -37,37 +35,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from densecontrast.distributed import is_distributed
+from densecontrast.distributed import rank as _rank
+
 __all__ = [
     "DistInfo",
     "PreemptionHandler",
     "cleanup",
-    "get_rank",
-    "get_world_size",
     "init_distributed",
     "is_main_process",
     "seed_everything",
     "setup_for_distributed",
 ]
-
-
-def get_rank() -> int:
-    """Rank of this process in the default process group, 0 when not distributed.
-
-    Example:
-        >>> get_rank()
-        0
-    """
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def get_world_size() -> int:
-    """Number of processes in the default process group, 1 when not distributed.
-
-    Example:
-        >>> get_world_size()
-        1
-    """
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_main_process() -> bool:
@@ -77,7 +56,7 @@ def is_main_process() -> bool:
         >>> is_main_process()
         True
     """
-    return get_rank() == 0
+    return _rank() == 0
 
 
 @dataclass(frozen=True)
@@ -171,12 +150,12 @@ def init_distributed(
     """
     if backend is not None and backend not in ("nccl", "gloo", "mpi", "ucc"):
         raise ValueError(f"backend must be 'nccl', 'gloo', 'mpi', 'ucc' or None, but got {backend!r}")
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
+    if is_distributed():
+        rank_, world = dist.get_rank(), dist.get_world_size()
         local = _env_int("LOCAL_RANK")
-        local = rank if local is None else local
+        local = rank_ if local is None else local
         dev = _pick_device(device, local)
-        return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, distributed=True)
+        return DistInfo(rank=rank_, world_size=world, local_rank=local, device=dev, distributed=True)
 
     env = _launch_env()
     if env is None:
@@ -347,8 +326,11 @@ class PreemptionHandler:
         if self._installed:
             return self
         if threading.current_thread() is not threading.main_thread():
-            warnings.warn("PreemptionHandler can only install signal handlers in the main thread; not installed",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                "PreemptionHandler can only install signal handlers in the main thread; not installed",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return self
         for s in self.signals:
             self._previous[s] = signal.getsignal(s)
@@ -379,7 +361,7 @@ class PreemptionHandler:
             >>> PreemptionHandler().synchronize()
             False
         """
-        if not (dist.is_available() and dist.is_initialized()):
+        if not is_distributed():
             return self._flag
         if device is None:
             device = (
@@ -411,5 +393,5 @@ def cleanup() -> None:
     Example:
         >>> cleanup()
     """
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()

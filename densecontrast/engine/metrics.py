@@ -34,6 +34,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from densecontrast.distributed import is_distributed
+from densecontrast.distributed import rank as _rank
+
 __all__ = [
     "JsonlWriter",
     "MetricLogger",
@@ -43,14 +46,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-def _dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist_ready() else 0
 
 
 def _to_float(value: Any, name: str) -> float:
@@ -116,7 +111,7 @@ class SmoothedValue:
         Only the global average becomes global; the window stays per-process. No-op without a
         process group.
         """
-        if not _dist_ready():
+        if not is_distributed():
             return
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         t = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)

@@ -7,7 +7,6 @@ linear warm-up followed by a cosine decay to 0, stepped **per iteration**.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,12 +15,13 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from densecontrast.schedules import warmup_cosine_lr
+
 __all__ = [
     "LARS",
     "WarmupCosineScheduler",
     "param_groups_weight_decay",
     "scale_lr",
-    "warmup_cosine",
 ]
 
 
@@ -209,57 +209,28 @@ def scale_lr(base_lr: float, global_batch: int, base_batch: int = 256) -> float:
     return base_lr * global_batch / base_batch
 
 
-def warmup_cosine(
-    step: int,
-    total_steps: int,
-    warmup_steps: int = 0,
-    warmup_start_ratio: float = 0.0,
-    final_ratio: float = 0.0,
-) -> float:
-    r"""The multiplier of the base value at ``step``: linear warm-up, then half a cosine.
-
-    .. math::
-
-        f(t) = \begin{cases}
-            r_0 + (1 - r_0)\, t / T_w & t < T_w \\
-            r_1 + (1 - r_1)\, \tfrac12 \bigl(1 + \cos(\pi\, \min(1, (t - T_w) / (T - T_w)))\bigr) & t \ge T_w
-        \end{cases}
-
-    with warm-up length :math:`T_w`, total length :math:`T`, start ratio :math:`r_0` and final
-    ratio :math:`r_1`. Past ``total_steps`` it stays at :math:`r_1`. Also usable for other
-    schedules (e.g. weight-decay or temperature).
-
-    Example:
-        >>> [round(warmup_cosine(t, total_steps=10, warmup_steps=2), 3) for t in (0, 1, 2, 6, 10)]
-        [0.0, 0.5, 1.0, 0.5, 0.0]
-    """
-    if step < 0:
-        raise ValueError(f"step must be >= 0, but got {step}")
-    if step < warmup_steps:
-        return warmup_start_ratio + (1.0 - warmup_start_ratio) * step / warmup_steps
-    span = total_steps - warmup_steps
-    progress = 1.0 if span <= 0 else min(1.0, (step - warmup_steps) / span)
-    return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 class WarmupCosineScheduler(LRScheduler):
     """Per-iteration LR schedule: linear warm-up from ``warmup_start_ratio * lr``, cosine decay to ``final_ratio * lr``.
 
-    Every parameter group follows :func:`warmup_cosine` times its own initial ``lr``. Call
+    Every parameter group follows its own initial ``lr`` times the factor
+    :func:`densecontrast.schedules.warmup_cosine_lr` ``(step, total_steps, warmup_steps, 1.0,
+    final_ratio, warmup_start_ratio)``: linear from ``warmup_start_ratio`` to 1 over
+    ``warmup_steps``, then half a cosine down to ``final_ratio`` at ``total_steps``, constant
+    after. Call
     :meth:`step` once per **optimiser step** (not per epoch), after ``optimizer.step()``.
     ``state_dict()`` holds only numbers, so it is safe for ``torch.load(weights_only=True)``.
 
     Args:
         optimizer: the optimiser.
         total_steps: length of the schedule in steps (``epochs * iters_per_epoch``), >= 1.
-        warmup_steps: linear warm-up length in steps, in ``[0, total_steps]``.
-        warmup_start_ratio: LR multiplier at step 0, in ``[0, 1]`` (PixCon uses 1e-4).
+        warmup_steps: linear warm-up length in steps, in ``[0, total_steps)``.
+        warmup_start_ratio: LR multiplier at step 0, in ``[0, 1]`` (1e-4 as in PixCon / DenseCL).
         final_ratio: LR multiplier reached at ``total_steps``, in ``[0, 1]``.
         last_epoch: index of the last step when resuming without ``load_state_dict``.
 
     Example:
         >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
-        >>> sched = WarmupCosineScheduler(opt, total_steps=100, warmup_steps=10)
+        >>> sched = WarmupCosineScheduler(opt, total_steps=100, warmup_steps=10, warmup_start_ratio=0.0)
         >>> lrs = []
         >>> for _ in range(100):
         ...     lrs.append(opt.param_groups[0]["lr"]); opt.step(); sched.step()
@@ -272,14 +243,14 @@ class WarmupCosineScheduler(LRScheduler):
         optimizer: Optimizer,
         total_steps: int,
         warmup_steps: int = 0,
-        warmup_start_ratio: float = 0.0,
+        warmup_start_ratio: float = 1e-4,
         final_ratio: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, but got {total_steps}")
-        if not 0 <= warmup_steps <= total_steps:
-            raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], but got {warmup_steps}")
+        if not 0 <= warmup_steps < total_steps:
+            raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), but got {warmup_steps}")
         if not 0.0 <= warmup_start_ratio <= 1.0:
             raise ValueError(f"warmup_start_ratio must be in [0, 1], but got {warmup_start_ratio}")
         if not 0.0 <= final_ratio <= 1.0:
@@ -291,9 +262,9 @@ class WarmupCosineScheduler(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def factor(self, step: int) -> float:
-        """The multiplier at ``step`` (see :func:`warmup_cosine`)."""
-        return warmup_cosine(
-            max(step, 0), self.total_steps, self.warmup_steps, self.warmup_start_ratio, self.final_ratio
+        """The LR multiplier at ``step`` (0-based optimiser step)."""
+        return warmup_cosine_lr(
+            max(step, 0), self.total_steps, self.warmup_steps, 1.0, self.final_ratio, self.warmup_start_ratio
         )
 
     def get_lr(self) -> list[float]:  # type: ignore[override]

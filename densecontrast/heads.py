@@ -339,7 +339,8 @@ def densecl_heads(in_dim: int = 2048, hidden_dim: int = 2048, out_dim: int = 128
 
     Example:
         >>> heads = densecl_heads(in_dim=512)
-        >>> heads["dense_projector"](torch.zeros(1, 512, 7, 7)).shape
+        >>> proj = heads["dense_projector"]
+        >>> proj(torch.zeros(1, 512, 7, 7)).shape
         torch.Size([1, 128, 7, 7])
     """
     return nn.ModuleDict(
@@ -375,8 +376,8 @@ def pixpro_heads(
 
     Example:
         >>> heads = pixpro_heads(in_dim=512, hidden_dim=1024)
-        >>> z = heads["dense_projector"](torch.randn(2, 512, 7, 7))
-        >>> heads["ppm"](z).shape
+        >>> proj, ppm = heads["dense_projector"], heads["ppm"]
+        >>> ppm(proj(torch.randn(2, 512, 7, 7))).shape
         torch.Size([2, 256, 7, 7])
     """
     heads = {
@@ -412,7 +413,8 @@ def lc_heads(
 
     Example:
         >>> heads = lc_heads(in_dim=512, hidden_dim=1024, dense_hidden_dim=512)
-        >>> heads["dense_projector"](torch.randn(2, 512, 7, 7)).shape
+        >>> proj = heads["dense_projector"]
+        >>> proj(torch.randn(2, 512, 7, 7)).shape
         torch.Size([2, 256, 7, 7])
     """
     return nn.ModuleDict(
@@ -452,7 +454,8 @@ def densesiam_heads(
 
     Example:
         >>> heads = densesiam_heads(in_dim=512, hidden_dim=256, out_dim=256, pred_hidden_dim=64, num_regions=4)
-        >>> heads["region_logits"](torch.randn(2, 512, 7, 7)).shape
+        >>> region_logits = heads["region_logits"]
+        >>> region_logits(torch.randn(2, 512, 7, 7)).shape
         torch.Size([2, 4, 7, 7])
     """
     heads = {

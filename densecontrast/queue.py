@@ -55,8 +55,9 @@ class MomentumQueue(nn.Module):
         gather: all-gather the keys over ranks in :meth:`enqueue` when a process group is
             initialized (ignored without one). Set ``False`` for per-rank queues.
         normalize: L2-normalise keys in :meth:`enqueue` (the initial keys are always unit norm).
-        seed: seed of the random normal initial keys (``None``: the global RNG, or ``generator``).
-        generator: a ``torch.Generator`` for the initial keys; mutually exclusive with ``seed``.
+        seed: seed of the random normal initial keys (default 0: identical on every rank;
+            ``None``: the global RNG).
+        generator: a ``torch.Generator`` for the initial keys; takes precedence over ``seed``.
         dtype: dtype of the stored keys (keys are cast on enqueue; default float32).
 
     Example:
@@ -90,15 +91,13 @@ class MomentumQueue(nn.Module):
             raise ValueError(f"dim must be a positive int, but got {dim!r}")
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"size must be a positive int, but got {size!r}")
-        if seed is not None and generator is not None:
-            raise ValueError("seed and generator are mutually exclusive, but both were given")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, but got {dtype}")
         self.dim = dim
         self.size = size
         self.gather = bool(gather)
         self.normalize = bool(normalize)
-        if seed is not None:
+        if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
         init = torch.randn(size, dim, generator=generator, dtype=torch.float64)
         self.register_buffer("queue", F.normalize(init, dim=1).to(dtype))

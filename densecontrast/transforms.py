@@ -6,10 +6,10 @@ Each view of an image is made in two parts:
    resize of the full image with no crop, followed by a horizontal flip with probability
    ``flip_p``;
 2. a **photometric** part: any callable on the view tensor (a ``torchvision.transforms.v2``
-   pipeline, e.g. :func:`color_pipeline`).
+   pipeline, e.g. [`color_pipeline`][densecontrast.transforms.color_pipeline]).
 
 The crop rectangle and the flip decision are sampled first, stored in a
-:class:`~densecontrast.geometry.ViewGeometry`, and only then applied with
+[`ViewGeometry`][densecontrast.geometry.ViewGeometry], and only then applied with
 ``torchvision.transforms.v2.functional.resized_crop`` and ``horizontal_flip``. The geometry is
 therefore the record of what was done, never re-derived from the output.
 
@@ -58,9 +58,9 @@ __all__ = [
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-"""Per-channel RGB mean of ImageNet used by :func:`color_pipeline`'s ``Normalize``."""
+"""Per-channel RGB mean of ImageNet, used by the ``Normalize`` step of ``color_pipeline``."""
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-"""Per-channel RGB standard deviation of ImageNet used by :func:`color_pipeline`'s ``Normalize``."""
+"""Per-channel RGB standard deviation of ImageNet, used by the ``Normalize`` step of ``color_pipeline``."""
 
 Crop = tuple[int, int, int, int]
 """An integer crop rectangle ``(top, left, height, width)`` in original-image pixels."""
@@ -109,7 +109,7 @@ def to_image_tensor(image: Any) -> Tensor:
         ValueError: ``image`` is not a PIL image or a tensor of shape ``(C, H, W)`` with
             ``C, H, W >= 1`` and dtype ``uint8``/float.
 
-    Example:
+    Examples:
         >>> to_image_tensor(torch.zeros(3, 4, 5)).shape
         torch.Size([3, 4, 5])
     """
@@ -129,7 +129,7 @@ def to_image_tensor(image: Any) -> Tensor:
 
 
 def crop_geometry(crop: Crop, flip: bool, image_size: tuple[int, int]) -> ViewGeometry:
-    """The one-view :class:`~densecontrast.geometry.ViewGeometry` of an integer crop and a flip.
+    """The one-view [`ViewGeometry`][densecontrast.geometry.ViewGeometry] of an integer crop and a flip.
 
     Args:
         crop: ``(top, left, height, width)`` in original-image pixels.
@@ -140,7 +140,7 @@ def crop_geometry(crop: Crop, flip: bool, image_size: tuple[int, int]) -> ViewGe
         A geometry with ``boxes (1, 4) = [[left, top, left + width, top + height]]`` (float32
         pixels), ``flips (1,)`` and ``image_size (1, 2) = [[W, H]]``.
 
-    Example:
+    Examples:
         >>> g = crop_geometry((10, 20, 30, 40), True, (100, 200))
         >>> g.boxes, g.flips, g.image_size
         (tensor([[20., 10., 60., 40.]]), tensor([True]), tensor([[200., 100.]]))
@@ -163,7 +163,7 @@ def crop_overlap_fraction(crop: Crop, reference: Crop) -> float:
     Returns:
         ``area(crop ∩ reference) / area(crop)`` in ``[0, 1]``; 0 for disjoint crops.
 
-    Example:
+    Examples:
         >>> crop_overlap_fraction((0, 0, 10, 10), (0, 5, 10, 10))
         0.5
     """
@@ -189,7 +189,7 @@ def center_crop_params(height: int, width: int, ratio: tuple[float, float] = (3 
     Returns:
         ``(top, left, height, width)``.
 
-    Example:
+    Examples:
         >>> center_crop_params(100, 400)  # too wide: clamp to aspect 4/3
         (0, 133, 100, 133)
         >>> center_crop_params(90, 100)
@@ -232,9 +232,9 @@ def resized_crop_flip(
     Convention:
         Sampling uses ``align_corners=False``: output pixel ``p`` is centered on the image point
         ``left + (p + 0.5) * width / w_out`` (and mirrored when ``flip``), matching
-        :func:`crop_geometry`.
+        [`crop_geometry`][densecontrast.transforms.crop_geometry].
 
-    Example:
+    Examples:
         >>> x = torch.arange(16.0).view(1, 4, 4)
         >>> resized_crop_flip(x, (0, 0, 2, 4), True, (2, 4))
         tensor([[[3., 2., 1., 0.],
@@ -262,7 +262,7 @@ def blur_kernel_size(size: SizeLike, fraction: float = 0.1) -> int:
     Returns:
         An odd kernel size ``>= 3``.
 
-    Example:
+    Examples:
         >>> blur_kernel_size(224), blur_kernel_size(96), blur_kernel_size(32)
         (23, 9, 3)
     """
@@ -317,7 +317,7 @@ def color_pipeline(
         jitter_p: probability of applying the colour jitter.
         gray_p: probability of converting to grayscale (kept 3-channel).
         blur_p: probability of the Gaussian blur.
-        blur_kernel: odd blur kernel size (see :func:`blur_kernel_size`).
+        blur_kernel: odd blur kernel size (see [`blur_kernel_size`][densecontrast.transforms.blur_kernel_size]).
         blur_sigma: range of the blur standard deviation (pixels); not scaled with the size.
         solarize_p: probability of solarizing (threshold 0.5 on ``[0, 1]`` values).
         color: ``False`` keeps only the dtype conversion and normalization (for geometry checks).
@@ -326,7 +326,7 @@ def color_pipeline(
     Returns:
         A ``v2.Compose`` returning float32 ``(3, H, W)`` tensors.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> out = color_pipeline(blur_p=1.0, blur_kernel=3)(torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8))
         >>> out.shape, out.dtype
@@ -367,7 +367,8 @@ class ViewTransform(nn.Module):
         ratio: crop aspect-ratio range (width / height), ``0 < min <= max``.
         flip_p: probability of a horizontal flip, in ``[0, 1]``.
         photometric: a callable applied to the resized, flipped ``(C, h, w)`` view tensor (e.g.
-            :func:`color_pipeline`); it must not move pixels. ``None``: the view keeps the input dtype.
+            [`color_pipeline`][densecontrast.transforms.color_pipeline]); it must not move pixels.
+            ``None``: the view keeps the input dtype.
         interpolation: resampling mode for the resize.
         antialias: low-pass filter when downscaling.
 
@@ -375,7 +376,7 @@ class ViewTransform(nn.Module):
         See the module docstring: integer pixel crops, ``align_corners=False`` resampling, flip
         after the resize. The returned geometry is built from the sampled parameters.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> t = ViewTransform(32, scale=(0.2, 1.0), flip_p=0.5)
         >>> view, geom = t(torch.rand(3, 60, 80))
@@ -419,7 +420,7 @@ class ViewTransform(nn.Module):
         Returns:
             ``(top, left, height, width)`` in pixels.
 
-        Example:
+        Examples:
             >>> _ = torch.manual_seed(0)
             >>> t = ViewTransform(8, scale=(0.25, 0.25), ratio=(1.0, 1.0))
             >>> top, left, h, w = t.sample_crop(torch.zeros(3, 40, 40))
@@ -434,10 +435,11 @@ class ViewTransform(nn.Module):
         return int(p["top"]), int(p["left"]), int(p["height"]), int(p["width"])
 
     def center_crop(self, image: Tensor) -> Crop:
-        """The deterministic fallback crop: :func:`center_crop_params` with this view's ``ratio``
-        (the full image when ``crop=False``).
+        """The deterministic fallback crop (the full image when ``crop=False``).
 
-        Example:
+        It is [`center_crop_params`][densecontrast.transforms.center_crop_params] with this view's ``ratio``.
+
+        Examples:
             >>> ViewTransform(8).center_crop(torch.zeros(3, 30, 90))
             (0, 25, 30, 40)
         """
@@ -449,7 +451,7 @@ class ViewTransform(nn.Module):
     def sample_flip(self) -> bool:
         """Draw the flip decision (``True`` with probability ``flip_p``, from torch's global generator).
 
-        Example:
+        Examples:
             >>> ViewTransform(8, flip_p=1.0).sample_flip()
             True
         """
@@ -470,7 +472,7 @@ class ViewTransform(nn.Module):
         Returns:
             ``(view, geometry)``: the ``(C, h, w)`` view and its one-view geometry.
 
-        Example:
+        Examples:
             >>> view, g = ViewTransform((2, 4)).apply(torch.arange(16.0).view(1, 4, 4), (2, 0, 2, 4), True)
             >>> view, g.boxes, g.flips
             (tensor([[[11., 10.,  9.,  8.],
@@ -500,7 +502,7 @@ class MultiViewTransform(nn.Module):
     """Several views of one image, each with the geometry of the crop and flip actually applied.
 
     Args:
-        view_transforms: one :class:`ViewTransform` per view (at least one).
+        view_transforms: one [`ViewTransform`][densecontrast.transforms.ViewTransform] per view (at least one).
         min_overlap: if given, in ``(0, 1]``: every later cropping view is re-sampled until its
             intersection with the **first** view's crop covers at least this fraction of the
             later crop's area. ``None`` (default): views are independent.
@@ -511,23 +513,25 @@ class MultiViewTransform(nn.Module):
 
     Fallback:
         If some view fails ``max_tries`` times, **every** cropping view takes the same center crop
-        (the first view's :meth:`ViewTransform.center_crop`, i.e. the whole image when its aspect
-        ratio is within ``ratio``), the rule of PixCon's two-crop sampler. Those views then overlap
-        completely. Flips and photometric parts are still sampled independently. Fallbacks are
-        never silent: they are counted in :attr:`fallback_count` (per process; ``DataLoader``
-        workers keep their own copies) and reported by ``return_info=True``. Views with
-        ``crop=False`` are never re-sampled (they always show the full image).
+        (the first view's
+        [`ViewTransform.center_crop`][densecontrast.transforms.ViewTransform.center_crop], i.e. the
+        whole image when its aspect ratio is within ``ratio``), the rule of PixCon's two-crop
+        sampler. Those views then overlap completely. Flips and photometric parts are still
+        sampled independently. Fallbacks are never silent: they are counted in ``fallback_count``
+        (per process; ``DataLoader`` workers keep their own copies) and reported by
+        ``return_info=True``. Views with ``crop=False`` are never re-sampled (they always show
+        the full image).
 
     Call:
         ``transform(image)`` with a PIL image or a ``(C, H, W)`` ``uint8``/float tensor returns
         ``(views, geometries)`` (or ``(views, geometries, info)``): a list of ``V`` view tensors
-        and a list of ``V`` one-view :class:`~densecontrast.geometry.ViewGeometry`.
+        and a list of ``V`` one-view [`ViewGeometry`][densecontrast.geometry.ViewGeometry].
 
     Convention:
         Geometry boxes are original-image pixels (float32), ``image_size = (W, H)``; see the module
         docstring for the resampling convention.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> t = MultiViewTransform([ViewTransform(16), ViewTransform(16)], min_overlap=0.5)
         >>> views, geoms = t(torch.rand(3, 40, 50))
@@ -590,7 +594,7 @@ class MultiViewTransform(nn.Module):
             crops drawn per view (0 for views after the one that triggered the fallback), and whether
             the center-crop fallback was taken.
 
-        Example:
+        Examples:
             >>> _ = torch.manual_seed(0)
             >>> t = MultiViewTransform([ViewTransform(8, scale=(0.01, 0.02))] * 2, min_overlap=1.0, max_tries=3)
             >>> t.sample_crops(torch.zeros(3, 40, 40))  # tiny crops never nest: the center-crop fallback
@@ -666,24 +670,26 @@ def byol_views(
     Both views: random resized crop (``scale``, ``ratio``), flip p=0.5, ``ColorJitter(0.4, 0.4,
     0.2, 0.1)`` p=0.8, grayscale p=0.2. View 1: blur p=1.0, no solarize. View 2: blur p=0.1,
     solarize p=0.2. Blur sigma in ``(0.1, 2.0)``; kernel ``blur_kernel`` or
-    :func:`blur_kernel_size` of ``size`` (23 at 224). PixCon uses ``min_overlap=0.01``.
+    [`blur_kernel_size`][densecontrast.transforms.blur_kernel_size] of ``size`` (23 at 224).
+    PixCon uses ``min_overlap=0.01``.
 
     Args:
         size: view size, ``int`` (square) or ``(height, width)``.
         scale: crop area range.
-        min_overlap: see :class:`MultiViewTransform`.
+        min_overlap: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform].
         ratio: crop aspect-ratio range.
         color: ``False`` drops jitter, grayscale, blur and solarize (geometry checks).
         normalize: end with the ImageNet ``Normalize``.
         blur_kernel: override the blur kernel size (odd).
-        max_tries: see :class:`MultiViewTransform`.
+        max_tries: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform].
         antialias: low-pass filter when downscaling.
-        return_info: see :class:`MultiViewTransform`.
+        return_info: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform].
 
     Returns:
-        A two-view :class:`MultiViewTransform` producing float32 ``(C, h, w)`` views.
+        A two-view [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform] producing float32
+        ``(3, h, w)`` views.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> views, geoms = byol_views(32)(torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8))
         >>> [tuple(v.shape) for v in views], views[0].dtype
@@ -726,19 +732,20 @@ def mocov2_views(
     Args:
         size: view size, ``int`` (square) or ``(height, width)``.
         scale: crop area range.
-        min_overlap: see :class:`MultiViewTransform` (``None`` in the papers).
+        min_overlap: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform] (``None`` in the papers).
         ratio: crop aspect-ratio range.
         color: ``False`` drops jitter, grayscale and blur.
         normalize: end with the ImageNet ``Normalize``.
-        blur_kernel: override the blur kernel size (odd); default :func:`blur_kernel_size`.
-        max_tries: see :class:`MultiViewTransform`.
+        blur_kernel: override the blur kernel size (odd); default
+            [`blur_kernel_size`][densecontrast.transforms.blur_kernel_size].
+        max_tries: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform].
         antialias: low-pass filter when downscaling.
-        return_info: see :class:`MultiViewTransform`.
+        return_info: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform].
 
     Returns:
-        A two-view :class:`MultiViewTransform` producing float32 views.
+        A two-view [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform] producing float32 views.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> views, geoms = mocov2_views((24, 32))(torch.rand(3, 50, 50))
         >>> [tuple(v.shape) for v in views]
@@ -780,14 +787,15 @@ def lc_views(
         ratio: crop aspect-ratio range of view 2.
         color: ``False`` drops jitter, grayscale, blur and solarize.
         normalize: end with the ImageNet ``Normalize``.
-        blur_kernel: override the blur kernel size (odd); default :func:`blur_kernel_size`.
+        blur_kernel: override the blur kernel size (odd); default
+            [`blur_kernel_size`][densecontrast.transforms.blur_kernel_size].
         antialias: low-pass filter when downscaling.
-        return_info: see :class:`MultiViewTransform`.
+        return_info: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform].
 
     Returns:
-        A two-view :class:`MultiViewTransform` producing float32 views.
+        A two-view [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform] producing float32 views.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> views, geoms = lc_views(32)(torch.rand(3, 40, 60))
         >>> geoms[0].boxes, geoms[0].flips

@@ -1,8 +1,8 @@
-"""Batch multi-view samples (views + :class:`~densecontrast.geometry.ViewGeometry`) for a ``DataLoader``.
+"""Batch multi-view samples (views + [`ViewGeometry`][densecontrast.geometry.ViewGeometry]) for a ``DataLoader``.
 
 Convention:
     A sample is ``(views, geometries)`` or ``(views, geometries, *extras)`` as returned by
-    :class:`~densecontrast.transforms.MultiViewTransform` (optionally with labels, masks or the
+    [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform] (optionally with labels, masks or the
     transform's ``info`` dict appended by a dataset). ``views`` holds ``V`` tensors
     ``(C, H_v, W_v)`` and ``geometries`` ``V`` one-view geometries. The batch keeps the sample
     order: row ``b`` of every batched view and geometry comes from sample ``b``.
@@ -28,13 +28,13 @@ def collate_views(batch: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
     Args:
         batch: ``B >= 1`` samples, each ``(views, geometries)`` or ``(views, geometries, *extras)``:
             ``views`` a sequence of ``V`` tensors (view ``v`` has the same shape and dtype in every
-            sample), ``geometries`` a sequence of ``V`` :class:`~densecontrast.geometry.ViewGeometry`
+            sample), ``geometries`` a sequence of ``V`` [`ViewGeometry`][densecontrast.geometry.ViewGeometry]
             (usually one view each). Every sample has the same number of extras.
 
     Returns:
         ``(views, geometries)`` or ``(views, geometries, *extras)``: ``views`` a list of ``V`` tensors
         ``(B, C, H_v, W_v)``, ``geometries`` a list of ``V`` batched geometries
-        (:meth:`ViewGeometry.cat <densecontrast.geometry.ViewGeometry.cat>` over the samples),
+        ([`ViewGeometry.cat`][densecontrast.geometry.ViewGeometry.cat] over the samples),
         and each extra collated with ``torch.utils.data.default_collate`` (tensors are stacked,
         numbers become tensors, dicts are collated per key).
 
@@ -43,7 +43,7 @@ def collate_views(batch: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
             number of views, extras or shapes across samples, or geometries that are not
             ``ViewGeometry``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from densecontrast.transforms import byol_views
         >>> _ = torch.manual_seed(0)

@@ -95,6 +95,10 @@ def test_single_index_and_key_point_forms() -> None:
     single = Matches(valid=valid, weight=torch.ones(b, n), key_index=idx)
     ref = _naive(y, x, single)
     torch.testing.assert_close(pixpro_consistency_loss(y, x, single).double(), ref, rtol=1e-5, atol=1e-6)
+    # float64 weights (e.g. from float64 geometry) do not change the float32 compute dtype
+    assert pixpro_consistency_loss(y, x, single.replace(weight=torch.ones(b, n, dtype=torch.float64))).dtype == (
+        torch.float32
+    )
     # integer key points (u = column, v = row) sample exactly the same cells
     pts = torch.stack([idx % 2, idx // 2], dim=-1).float()
     as_points = Matches(valid=valid, weight=torch.ones(b, n), key_points=pts, key_shape=(3, 2))

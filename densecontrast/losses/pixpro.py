@@ -118,12 +118,13 @@ def pixpro_consistency_loss(
             pos, mask = pos[:, :, None], valid[..., None]
         else:
             mask = matches.key_mask & valid[..., None]  # type: ignore[operator]
-        pair_w = _f32(mask) * _f32(matches.weight.detach())[..., None]  # A_ij, (B, N, k)
         cos = torch.einsum("bnd,bnkd->bnk", y, pos)
+        # A_ij, (B, N, k), in the compute dtype (geometry-derived weights may be float64)
+        pair_w = mask.to(cos.dtype) * matches.weight.detach().to(cos.dtype)[..., None]
         num = torch.where(pair_w != 0, pair_w * cos, torch.zeros_like(cos)).sum(dim=(1, 2))
         den = pair_w.sum(dim=(1, 2))
         per_img = -2.0 * num / (den + 1e-6)  # (B,)
-        img_w = torch.ones_like(den) if per_image == "pairs" else (den > 0).float()
+        img_w = torch.ones_like(den) if per_image == "pairs" else (den > 0).to(den.dtype)
         return reduce(per_img, img_w, reduction)
 
 

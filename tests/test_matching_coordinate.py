@@ -1,0 +1,179 @@
+"""Coordinate matchers against brute-force pairwise references written here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_matching_helpers import grid_shapes, view_pairs
+
+from densecontrast.geometry import ViewGeometry
+from densecontrast.matching import (
+    CoordinateMatcher,
+    NearestCoordinateMatcher,
+    coordinate_match,
+    nearest_coordinate_match,
+)
+
+
+def brute_force_positives(qg, kg, qs, ks, threshold):
+    """All (i, j) pairs: ||c_q(i) - c_k(j)|| < T * max(diag_q, diag_k), same float ops as documented."""
+    cq = qg.grid(*qs)
+    ck = kg.grid(*ks)
+    d = cq[:, :, None, :] - ck[:, None, :, :]
+    dist = torch.sqrt(d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1])
+    diag_q = torch.linalg.vector_norm(qg.cell_size(*qs), dim=-1)
+    diag_k = torch.linalg.vector_norm(kg.cell_size(*ks), dim=-1)
+    radius = threshold * torch.maximum(diag_q, diag_k)
+    return dist < radius[:, None, None], dist, radius
+
+
+thresholds = st.one_of(st.just(0.7), st.floats(0.05, 3.0))
+
+
+@settings(max_examples=30)
+@given(view_pairs(), grid_shapes, grid_shapes, thresholds)
+def test_coordinate_match_equals_brute_force(pair, qs, ks, threshold):
+    qg, kg = pair
+    m = coordinate_match(qg, kg, qs, ks, threshold)
+    dense, _, _ = brute_force_positives(qg, kg, qs, ks, threshold)
+    assert torch.equal(m.to_dense(ks[0] * ks[1]), dense)
+    assert torch.equal(m.valid, dense.any(-1))
+    assert torch.equal(m.key_mask.sum(-1), dense.sum(-1))  # no duplicates
+    assert m.key_index.shape[-1] == max(1, int(dense.sum(-1).max()))  # compacted
+    assert torch.equal(m.in_box, kg.contains(qg.grid(*qs)))
+    assert m.key_shape == ks
+    assert int(m.key_index.min()) >= 0 and int(m.key_index.max()) < ks[0] * ks[1]
+
+
+@settings(max_examples=20)
+@given(view_pairs(max_batch=2), st.tuples(st.integers(10, 30), st.integers(10, 30)), grid_shapes)
+def test_coordinate_match_large_grids_and_zooms(pair, qs, ks):
+    qg, kg = pair
+    for a, b, sa, sb in ((qg, kg, qs, ks), (kg, qg, ks, qs)):
+        m = coordinate_match(a, b, sa, sb)
+        dense, _, _ = brute_force_positives(a, b, sa, sb, 0.7)
+        assert torch.equal(m.to_dense(sb[0] * sb[1]), dense)
+
+
+@settings(max_examples=30)
+@given(view_pairs(), grid_shapes, grid_shapes, thresholds)
+def test_coordinate_match_is_symmetric(pair, qs, ks, threshold):
+    qg, kg = pair
+    d12 = coordinate_match(qg, kg, qs, ks, threshold).to_dense(ks[0] * ks[1])
+    d21 = coordinate_match(kg, qg, ks, qs, threshold).to_dense(qs[0] * qs[1])
+    assert torch.equal(d12, d21.transpose(1, 2))
+
+
+@settings(max_examples=30)
+@given(view_pairs(), grid_shapes, grid_shapes)
+def test_coordinate_match_float64_reference_away_from_boundary(pair, qs, ks):
+    qg, kg = pair
+    m = coordinate_match(qg, kg, qs, ks)
+    _, dist, radius = brute_force_positives(qg.to(torch.float64), kg.to(torch.float64), qs, ks, 0.7)
+    clear = (dist - radius[:, None, None]).abs() > 1e-5 * radius[:, None, None]
+    dense = m.to_dense(ks[0] * ks[1])
+    assert torch.equal(dense[clear], (dist < radius[:, None, None])[clear])
+
+
+def test_coordinate_match_identical_square_views_is_identity():
+    size = torch.tensor([90.0, 90.0])
+    g = ViewGeometry.from_crops(torch.tensor([[10.0, 10.0, 80.0, 80.0], [0.0, 0.0, 90.0, 90.0]]),
+                                torch.tensor([False, True]), size)
+    m = coordinate_match(g, g, (7, 7), (7, 7))
+    assert m.key_index.shape == (2, 49, 1)  # 0.7 * sqrt(2) < 1 cell: only the cell itself
+    assert torch.equal(m.key_index[..., 0], torch.arange(49).expand(2, -1))
+    assert bool(m.valid.all()) and bool(m.in_box.all())
+
+
+def test_coordinate_match_disjoint_views_all_invalid():
+    size = torch.tensor([100.0, 100.0])
+    q = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 40.0, 100.0]]), None, size)
+    k = ViewGeometry.from_crops(torch.tensor([[60.0, 0.0, 100.0, 100.0]]), torch.tensor([True]), size)
+    m = coordinate_match(q, k, (7, 7), (7, 7))
+    assert not bool(m.valid.any()) and not bool(m.in_box.any())
+    assert m.key_index.shape == (1, 49, 1)
+
+
+def test_coordinate_matcher_module_and_bad_input():
+    size = torch.tensor([100.0, 100.0])
+    g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 100.0, 100.0]] * 2), None, size)
+    m = CoordinateMatcher(threshold=1.5)(g, g, (3, 4), (5, 2))
+    dense, _, _ = brute_force_positives(g, g, (3, 4), (5, 2), 1.5)
+    assert torch.equal(m.to_dense(10), dense)
+    with pytest.raises(ValueError, match="threshold"):
+        CoordinateMatcher(threshold=0.0)
+    with pytest.raises(ValueError, match="threshold"):
+        coordinate_match(g, g, (3, 3), (3, 3), threshold=-1.0)
+    with pytest.raises(ValueError, match="query_shape"):
+        coordinate_match(g, g, (3, 0), (3, 3))
+    with pytest.raises(ValueError, match="key_shape"):
+        coordinate_match(g, g, (3, 3), (3, 3, 3))
+    with pytest.raises(ValueError, match="key_geometry"):
+        coordinate_match(g, g[0], (3, 3), (3, 3))
+
+
+# ---------------------------------------------------------------------- nearest coordinate
+@settings(max_examples=30)
+@given(view_pairs(), grid_shapes, grid_shapes)
+def test_nearest_coordinate_match_equals_brute_force_argmin(pair, qs, ks):
+    qg, kg = pair
+    m = nearest_coordinate_match(qg, kg, qs, ks)
+    q64, k64 = qg.to(torch.float64), kg.to(torch.float64)
+    cq, ck = q64.grid(*qs), k64.grid(*ks)
+    dist = ((cq[:, :, None, :] - ck[:, None, :, :]) ** 2).sum(-1).sqrt()  # (B, N, M) float64
+    best = dist.min(-1).values
+    chosen = torch.gather(dist, 2, m.key_index[..., None])[..., 0]
+    torch.testing.assert_close(chosen, best, atol=1e-5 * float(ck.abs().max() + 1), rtol=0)
+    top2 = dist.topk(min(2, dist.shape[-1]), dim=-1, largest=False).values
+    clear = (top2[..., -1] - top2[..., 0]) > 1e-5 if dist.shape[-1] > 1 else torch.ones_like(best, dtype=torch.bool)
+    assert torch.equal(m.key_index[clear], dist.argmin(-1)[clear])
+    assert torch.equal(m.valid, kg.contains(qg.grid(*qs)))
+    assert torch.equal(m.in_box, m.valid)
+    # key_points are the exact location of the query's image point in the key grid
+    h, w = ks
+    view = torch.stack([(m.key_points[..., 0] + 0.5) / w, (m.key_points[..., 1] + 0.5) / h], -1)
+    torch.testing.assert_close(kg.to_image(view), qg.grid(*qs))
+
+
+@settings(max_examples=30)
+@given(view_pairs(), grid_shapes, grid_shapes, st.integers(1, 12))
+def test_nearest_coordinate_match_topk_keeps_closest(pair, qs, ks, topk):
+    qg, kg = pair
+    full = nearest_coordinate_match(qg, kg, qs, ks)
+    m = nearest_coordinate_match(qg, kg, qs, ks, topk=topk)
+    assert torch.equal(m.key_index, full.key_index)
+    assert not bool((m.valid & ~full.valid).any())
+    assert torch.equal(m.valid.sum(1), full.valid.sum(1).clamp(max=topk))
+    # distances (pixels) of kept queries never exceed those of dropped in-box queries
+    ck = kg.grid(*ks)
+    matched = torch.gather(ck, 1, full.key_index[..., None].expand(-1, -1, 2))
+    size = qg.image_size[:, None, :]
+    d = (((qg.grid(*qs) - matched) * size) ** 2).sum(-1).sqrt()
+    for b in range(len(qg)):
+        kept, dropped = d[b][m.valid[b]], d[b][full.valid[b] & ~m.valid[b]]
+        if kept.numel() and dropped.numel():
+            assert float(kept.max()) <= float(dropped.min()) + 1e-4
+
+
+def test_nearest_coordinate_identity_and_flip():
+    size = torch.tensor([80.0, 60.0])
+    g = ViewGeometry.from_crops(torch.tensor([[5.0, 5.0, 75.0, 55.0]]), None, size)
+    f = ViewGeometry.from_crops(torch.tensor([[5.0, 5.0, 75.0, 55.0]]), torch.tensor([True]), size)
+    m = NearestCoordinateMatcher()(g, g, (3, 5), (3, 5))
+    assert torch.equal(m.key_index[0], torch.arange(15))
+    m = nearest_coordinate_match(g, f, (3, 5), (3, 5))
+    rows, cols = torch.arange(15) // 5, torch.arange(15) % 5
+    assert torch.equal(m.key_index[0], rows * 5 + (4 - cols))
+    assert bool(m.valid.all())
+
+
+def test_nearest_coordinate_bad_input():
+    g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 10.0, 10.0]]), None, torch.tensor([10.0, 10.0]))
+    with pytest.raises(ValueError, match="topk"):
+        NearestCoordinateMatcher(topk=0)
+    with pytest.raises(ValueError, match="topk"):
+        nearest_coordinate_match(g, g, (2, 2), (2, 2), topk=-3)
+    with pytest.raises(ValueError, match="query_shape"):
+        nearest_coordinate_match(g, g, (2,), (2, 2))

@@ -212,9 +212,9 @@ def pixel_propagation(x: Tensor, gx: Tensor, gamma: float = 2.0) -> Tensor:
         gamma: sharpness exponent (> 0).
 
     Returns:
-        ``(B, D', h, w)`` float32. No normalization by ``sum_j s_ij``. The ``(N, N)``
-        similarity (``N = h * w``) and the propagation are computed in float32, also under
-        autocast.
+        ``(B, D', h, w)`` float32 (float64 for float64 inputs). No normalization by
+        ``sum_j s_ij``. The ``(N, N)`` similarity (``N = h * w``) and the propagation are computed
+        in float32, also under autocast.
 
     Example:
         >>> x = torch.tensor([[[[1.0, -1.0]]]])  # (1, 1, 1, 2): two opposite pixels
@@ -255,7 +255,8 @@ class PixelPropagation(nn.Module):
         transform_layers: 0, 1 or 2, the depth of ``g``.
 
     Shapes:
-        ``(B, D, h, w)`` -> ``(B, D, h, w)`` float32 (the similarity and the sum run in float32).
+        ``(B, D, h, w)`` -> ``(B, D, h, w)`` float32 (float64 for float64 input); the similarity
+        and the sum run in float32, also under autocast.
 
     Example:
         >>> _ = torch.manual_seed(0)

@@ -118,9 +118,7 @@ def to_image_tensor(image: Any) -> Tensor:
     elif type(image).__module__.startswith("PIL.") and hasattr(image, "getbands"):
         x = TF.pil_to_tensor(image)
     else:
-        raise ValueError(
-            f"image must be a PIL image or a (C, H, W) uint8/float tensor, but got {type(image).__name__}"
-        )
+        raise ValueError(f"image must be a PIL image or a (C, H, W) uint8/float tensor, but got {type(image).__name__}")
     if x.dim() != 3 or min(x.shape) < 1:
         raise ValueError(f"image must have shape (C, H, W) with C, H, W >= 1, but got shape {tuple(x.shape)}")
     if not (x.dtype == torch.uint8 or x.is_floating_point()):
@@ -138,18 +136,29 @@ def crop_geometry(crop: Crop, flip: bool, image_size: tuple[int, int]) -> ViewGe
 
     Returns:
         A geometry with ``boxes (1, 4) = [[left, top, left + width, top + height]]`` (float32
-        pixels), ``flips (1,)`` and ``image_size (1, 2) = [[W, H]]``.
+        pixels), ``flips (1,)`` and ``image_size (1, 2) = [[W, H]]``, equal to what
+        ``ViewGeometry.from_crops`` builds from these tensors.
+
+    Raises:
+        ValueError: an empty crop or one that leaves the image.
 
     Examples:
         >>> g = crop_geometry((10, 20, 30, 40), True, (100, 200))
         >>> g.boxes, g.flips, g.image_size
         (tensor([[20., 10., 60., 40.]]), tensor([True]), tensor([[200., 100.]]))
     """
-    top, left, h, w = crop
-    height, width = image_size
-    boxes = torch.tensor([[left, top, left + w, top + h]], dtype=torch.float32)
-    return ViewGeometry.from_crops(
-        boxes, torch.tensor([bool(flip)]), torch.tensor([[width, height]], dtype=torch.float32), tolerance=0.0
+    top, left, h, w = (int(v) for v in crop)
+    height, width = (int(v) for v in image_size)
+    if not (0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= height and left + w <= width):
+        raise ValueError(
+            f"crop must be (top, left, height, width) inside the image of (H, W) = {(height, width)}, but got {crop}"
+        )
+    # The checks above are those of ViewGeometry.from_crops for integer crops; building the
+    # dataclass directly avoids its tensor-level validation (about 10x the cost of the rest).
+    return ViewGeometry(
+        boxes=torch.tensor([[left, top, left + w, top + h]], dtype=torch.float32),
+        flips=torch.tensor([bool(flip)]),
+        image_size=torch.tensor([[width, height]], dtype=torch.float32),
     )
 
 
@@ -562,8 +571,10 @@ class MultiViewTransform(nn.Module):
                 f"[{', '.join(type(t).__name__ for t in view_transforms)}]"
             )
         if min_overlap is not None:
-            if isinstance(min_overlap, bool) or not isinstance(min_overlap, (int, float)) or not (
-                0.0 < float(min_overlap) <= 1.0
+            if (
+                isinstance(min_overlap, bool)
+                or not isinstance(min_overlap, (int, float))
+                or not (0.0 < float(min_overlap) <= 1.0)
             ):
                 raise ValueError(f"min_overlap must be None or a float in (0, 1], but got {min_overlap!r}")
             min_overlap = float(min_overlap)
@@ -624,9 +635,9 @@ class MultiViewTransform(nn.Module):
             crops = [center if t.crop else t.sample_crop(image) for t in transforms]
         return crops, tries, fallback
 
-    def forward(self, image: Any) -> tuple[list[Tensor], list[ViewGeometry]] | tuple[
-        list[Tensor], list[ViewGeometry], dict[str, Tensor]
-    ]:
+    def forward(
+        self, image: Any
+    ) -> tuple[list[Tensor], list[ViewGeometry]] | tuple[list[Tensor], list[ViewGeometry], dict[str, Tensor]]:
         """Make the views of one image; see the class docstring for what is returned."""
         x = to_image_tensor(image)
         crops, tries, fallback = self.sample_crops(x)
@@ -699,11 +710,19 @@ def byol_views(
     common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_kernel=k)
     views = [
         ViewTransform(
-            size, scale=scale, ratio=ratio, flip_p=0.5, antialias=antialias,
+            size,
+            scale=scale,
+            ratio=ratio,
+            flip_p=0.5,
+            antialias=antialias,
             photometric=_pipeline(color, normalize, blur_p=1.0, solarize_p=0.0, **common),
         ),
         ViewTransform(
-            size, scale=scale, ratio=ratio, flip_p=0.5, antialias=antialias,
+            size,
+            scale=scale,
+            ratio=ratio,
+            flip_p=0.5,
+            antialias=antialias,
             photometric=_pipeline(color, normalize, blur_p=0.1, solarize_p=0.2, **common),
         ),
     ]
@@ -755,7 +774,11 @@ def mocov2_views(
     kwargs = dict(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5, blur_kernel=k, solarize_p=0.0)
     views = [
         ViewTransform(
-            size, scale=scale, ratio=ratio, flip_p=0.5, antialias=antialias,
+            size,
+            scale=scale,
+            ratio=ratio,
+            flip_p=0.5,
+            antialias=antialias,
             photometric=_pipeline(color, normalize, **kwargs),
         )
         for _ in range(2)
@@ -805,11 +828,18 @@ def lc_views(
     common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_kernel=k)
     views = [
         ViewTransform(
-            size, crop=False, flip_p=0.0, antialias=antialias,
+            size,
+            crop=False,
+            flip_p=0.0,
+            antialias=antialias,
             photometric=_pipeline(color, normalize, blur_p=1.0, solarize_p=0.0, **common),
         ),
         ViewTransform(
-            size, scale=scale, ratio=ratio, flip_p=0.5, antialias=antialias,
+            size,
+            scale=scale,
+            ratio=ratio,
+            flip_p=0.5,
+            antialias=antialias,
             photometric=_pipeline(color, normalize, blur_p=0.1, solarize_p=0.2, **common),
         ),
     ]

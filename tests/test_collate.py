@@ -101,8 +101,10 @@ def test_dataloader_with_workers_keeps_views_and_geometry_aligned():
             dec = F.grid_sample(views[v][:, :2], (2 * pts - 1).expand(bsz, 1, -1, 2), align_corners=False)
             dec = dec[:, :, 0].transpose(1, 2)  # (B, 16, 2)
             src = 1 / geoms[v].image_size  # one source pixel, normalized
-            vp = (geoms[v].boxes[:, 2:] - geoms[v].boxes[:, :2]) / geoms[v].image_size / torch.tensor(
-                [views[v].shape[-1], views[v].shape[-2]]
+            vp = (
+                (geoms[v].boxes[:, 2:] - geoms[v].boxes[:, :2])
+                / geoms[v].image_size
+                / torch.tensor([views[v].shape[-1], views[v].shape[-2]])
             )
             # half a source pixel (edge clamping); view 2 uses antialias: + 0.125 view pixel when downscaling
             tol = 0.5 * src + 1e-5 + (0.125 * vp if v == 1 else 0.0)

@@ -21,6 +21,7 @@ from densecontrast.transforms import (
     byol_views,
     center_crop_params,
     color_pipeline,
+    crop_geometry,
     crop_overlap_fraction,
     lc_views,
     mocov2_views,
@@ -197,6 +198,24 @@ def test_uint8_without_photometric_stays_uint8_and_matches_functional():
     if g.flips[0]:
         ref = ref.flip(-1)
     assert torch.equal(view, ref)
+
+
+@given(h=st.integers(1, 50), w=st.integers(1, 50), data=st.data(), flip=st.booleans())
+def test_crop_geometry_equals_validated_from_crops(h, w, data, flip):
+    top = data.draw(st.integers(0, h - 1))
+    left = data.draw(st.integers(0, w - 1))
+    ch = data.draw(st.integers(1, h - top))
+    cw = data.draw(st.integers(1, w - left))
+    g = crop_geometry((top, left, ch, cw), flip, (h, w))
+    ref = ViewGeometry.from_crops(
+        torch.tensor([[left, top, left + cw, top + ch]], dtype=torch.float32),
+        torch.tensor([flip]),
+        torch.tensor([[w, h]], dtype=torch.float32),
+    )
+    for a, b in ((g.boxes, ref.boxes), (g.flips, ref.flips), (g.image_size, ref.image_size)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(ValueError, match="crop must be"):
+        crop_geometry((top, left, ch, cw + w), flip, (h, w))
 
 
 def test_resized_crop_flip_reads_the_crop():

@@ -68,6 +68,13 @@ def _ema_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, torch.randn(2 * WORLD, 4, generator=g), torch.randn(2 * WORLD, 3, generator=g)
 
 
+def _sgd_step(model: nn.Module, lr: float) -> None:
+    """Plain SGD (torch.optim's first use imports dynamo, several seconds per process)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(lr * p.grad)
+
+
 def _nce_problem(step: int) -> dict:
     """Global batch of the DenseInfoNCE check at ``step``: inputs, keys, matches (5 images, 3 x 3 cells)."""
     g = torch.Generator().manual_seed(500 + step)
@@ -149,9 +156,8 @@ def _worker(rank: int, world_size: int) -> dict:
     ddp = DDP(model)
     ema = EMA(ddp, momentum=0.9)
     out["ema_target_type"] = type(ema.target).__name__
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
     F.mse_loss(ddp(xs[2 * rank : 2 * rank + 2]), ts[2 * rank : 2 * rank + 2]).backward()
-    opt.step()
+    _sgd_step(ddp, lr=0.5)
     ema.update()
     out["ema_weight"], out["ema_bias"] = ema.target.weight.clone(), ema.target.bias.clone()
 
@@ -272,9 +278,8 @@ def test_queue_broadcast(results: list[dict]) -> None:
 def test_ema_of_ddp_model(results: list[dict]) -> None:
     model, xs, ts = _ema_problem()
     w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
     F.mse_loss(model(xs), ts).backward()  # equal shards: DDP's gradient average == global-batch mean
-    opt.step()
+    _sgd_step(model, lr=0.5)
     for res in results:
         assert res["ema_target_type"] == "Linear"
         torch.testing.assert_close(res["ema_weight"], 0.9 * w0 + 0.1 * model.weight.detach())

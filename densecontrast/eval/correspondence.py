@@ -125,7 +125,7 @@ def iter_image_batches(
             mask = torch.as_tensor(item[1]).long()
             if mask.dim() != 2:
                 raise ValueError(f"masks must have shape (H, W), but got {tuple(mask.shape)}")
-            mbuf.append(_resize(mask, tuple(img.shape[-2:])))
+            mbuf.append(_resize(mask, tuple(img.shape[-2:]), mode="nearest"))
         n += 1
         if len(buf) == batch_size:
             yield torch.stack(buf), (torch.stack(mbuf) if with_masks else None)

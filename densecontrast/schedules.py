@@ -135,8 +135,8 @@ def warmup_cosine_lr(
         and ``final_lr=final / base`` to get the multiplicative factor.
 
     Example:
-        >>> [round(warmup_cosine_lr(t, 10, 2, 1.0, warmup_start_ratio=0.0), 3) for t in (0, 1, 2, 6, 10)]
-        [0.0, 0.5, 1.0, 0.5, 0.0]
+        >>> tuple(round(warmup_cosine_lr(t, 10, 2, 1.0, warmup_start_ratio=0.0), 3) for t in (0, 1, 2, 6, 10))
+        (0.0, 0.5, 1.0, 0.5, 0.0)
     """
     _check_steps("step", step, 0)
     _check_steps("total_steps", total_steps, 1)

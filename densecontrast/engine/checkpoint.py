@@ -355,7 +355,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         except ImportError:  # pragma: no cover
             return
         npst = state["numpy"]
-        keys = torch.as_tensor(npst["keys"]).numpy().astype(np.uint32)
+        keys = torch.as_tensor(npst["keys"]).cpu().numpy().astype(np.uint32)
         np.random.set_state(
             (npst["kind"], keys, int(npst["pos"]), int(npst["has_gauss"]), float(npst["cached_gaussian"]))
         )
@@ -443,7 +443,8 @@ def _verify_torchvision(sd: Mapping[str, torch.Tensor], arch: str) -> None:
         builder = torchvision.models.get_model_builder(arch)
     except ValueError:
         return  # not a torchvision model name (e.g. "tiny"): nothing to compare against
-    ref = builder(weights=None).state_dict()
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        ref = builder(weights=None).state_dict()
     unexpected = sorted(set(sd) - set(ref))
     missing = sorted(k for k in set(ref) - set(sd) if not k.startswith("fc."))
     bad_shape = sorted(k for k in set(sd) & set(ref) if tuple(sd[k].shape) != tuple(ref[k].shape))

@@ -122,8 +122,9 @@ class LARS(Optimizer):
                 if not excluded:
                     if wd != 0:
                         g = g.add(p, alpha=wd)
-                    w_norm = torch.linalg.vector_norm(p.float())
-                    g_norm = torch.linalg.vector_norm(g.float())
+                    acc = torch.promote_types(p.dtype, torch.float32)  # fp16/bf16 norms in fp32, fp64 stays fp64
+                    w_norm = torch.linalg.vector_norm(p, dtype=acc)
+                    g_norm = torch.linalg.vector_norm(g, dtype=acc)
                     ratio = torch.where(
                         (w_norm > 0) & (g_norm > 0), c * w_norm / g_norm.clamp_min(1e-30), torch.ones_like(w_norm)
                     )

@@ -108,8 +108,9 @@ def coordinate_match(
     The set is found analytically in ``O(N k)`` time and memory: the query center is mapped
     into the key grid (:meth:`ViewGeometry.to_cells`), a ``k_y x k_x`` window of key cells around
     it (one size for the batch, from the largest radius in key cells plus a one-cell margin,
-    capped at the grid) is tested exactly with the formula above, and the result is compacted
-    to the largest positive count. It is bit-identical to testing every ``(i, j)`` pair.
+    capped at the grid) is tested exactly with the formula above, one window row at a time
+    (along a row the positives are one run of consecutive columns), and the result is packed
+    into the largest positive count ``k``. It is bit-identical to testing every ``(i, j)`` pair.
 
     Args:
         query_geometry: B query views.
@@ -153,29 +154,45 @@ def coordinate_match(
         n = hq * wq
         cq = query_geometry.grid(hq, wq)  # (B, N, 2) image space
         ck = key_geometry.grid(hk, wk)  # (B, M, 2)
+        # a key cell's x depends on its column only, its y on its row only (the same floats as in ck)
+        col_x = ck[:, :wk, 0]  # (B, w_k)
+        row_y = ck[:, ::wk, 1]  # (B, h_k)
         radius = threshold * torch.maximum(_bin_diagonal(query_geometry, hq, wq), _bin_diagonal(key_geometry, hk, wk))
         uv = key_geometry.to_cells(cq, hk, wk)  # (B, N, 2) continuous key-cell coords
         r_cells = radius[:, None] / key_geometry.cell_size(hk, wk)  # (B, 2) radius in key cells (x, y)
         # window of kx x ky cells, one size for the batch; +4 = floor slack + a one-cell float margin each side
         kx = min(wk, math.floor(2 * float(r_cells[:, 0].max())) + 4)
         ky = min(hk, math.floor(2 * float(r_cells[:, 1].max())) + 4)
-        x0 = torch.floor(uv[..., 0] - r_cells[:, None, 0]).long() - 1
-        y0 = torch.floor(uv[..., 1] - r_cells[:, None, 1]).long() - 1
-        x0 = x0.clamp(0, wk - kx)
-        y0 = y0.clamp(0, hk - ky)
-        ox = torch.arange(kx, device=x0.device)
-        oy = torch.arange(ky, device=x0.device)
-        cols = x0[..., None, None] + ox  # (B, N, 1, kx)
-        rows = y0[..., None, None] + oy[:, None]  # (B, N, ky, 1)
-        k = kx * ky
-        index = (rows * wk + cols).reshape(b, n, k)
-        cand = torch.gather(ck, 1, index.reshape(b, n * k, 1).expand(-1, -1, 2)).reshape(b, n, k, 2)
-        mask = center_distance(cq[:, :, None, :], cand) < radius[:, None, None]
-        kmax = max(int(mask.sum(-1).max()) if mask.numel() else 0, 1)
-        if kmax < k:
-            order = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :kmax]
-            index = torch.gather(index, 2, order)
-            mask = torch.gather(mask, 2, order)
+        x0 = (torch.floor(uv[..., 0] - r_cells[:, None, 0]).long() - 1).clamp(0, wk - kx)  # (B, N)
+        y0 = (torch.floor(uv[..., 1] - r_cells[:, None, 1]).long() - 1).clamp(0, hk - ky)
+        cols = x0[..., None] + torch.arange(kx, device=x0.device)  # (B, N, kx)
+        dx = cq[..., 0:1] - torch.gather(col_x, 1, cols.reshape(b, -1)).reshape(b, n, kx)
+        dx2 = dx * dx
+        del dx, cols
+        r2 = radius[:, None, None]
+        # Per window row, the positives are one run of consecutive columns (the distance is
+        # unimodal along a row, also in floating point): keep its length and first column.
+        counts, starts = [], []
+        for r in range(ky):
+            dy = cq[..., 1] - torch.gather(row_y, 1, y0 + r)  # (B, N)
+            hit = torch.sqrt(dx2 + (dy * dy)[..., None]) < r2  # the same ops as center_distance
+            counts.append(hit.sum(-1))
+            starts.append(hit.to(torch.uint8).argmax(-1))  # first positive column (0 if none)
+            del hit
+        count = torch.stack(counts, -1)  # (B, N, ky)
+        start = torch.stack(starts, -1)
+        del counts, starts, dx2
+        total = count.sum(-1)  # (B, N)
+        kmax = max(int(total.max()) if total.numel() else 0, 1)
+        before = torch.cumsum(count, -1) - count  # slots used by earlier rows
+        slot = torch.arange(kmax, device=x0.device)
+        index = torch.zeros(b, n, kmax, dtype=torch.long, device=x0.device)
+        for r in range(ky):
+            lo, cnt = before[..., r, None], count[..., r, None]
+            first = ((y0 + r) * wk + x0 + start[..., r])[..., None]  # key index of the run's first cell
+            take = (slot >= lo) & (slot < lo + cnt)
+            index = torch.where(take, first + (slot - lo), index)
+        mask = slot < total[..., None]
         in_box = key_geometry.contains(cq)
     return Matches(
         valid=mask.any(-1),

@@ -71,11 +71,13 @@ def similarity_match(
 
     At most ``chunk_size`` query rows (summed over the batch) have their similarities to all
     ``M`` keys in memory at once: whole images are batched together while ``N <= chunk_size``,
-    larger images are split into query chunks. Peak extra memory is about
-    ``chunk_size * M`` floats instead of ``B * N * M``. Rows are reduced with ``torch.max``,
-    which returns the **first** maximal index on ties, as the full-matrix ``argmax`` does, so
-    the indices equal the naive full-matrix version's (up to reassociation in the matmul,
-    which only matters for near-exact ties). Zero feature vectors have cosine 0 with everything.
+    larger images are split into query chunks; normalized copies of the features are also made
+    per step only. Peak extra memory is about ``chunk_size * (M + C)`` floats plus the keys of
+    one step, instead of ``B * N * M`` (and ``B * (N + M) * C``) for the full matrix. Rows are
+    reduced with ``torch.max``, which returns the **first** maximal index on ties, as the
+    full-matrix ``argmax`` does, so the indices equal the naive full-matrix version's (up to
+    reassociation in the matmul, which only matters for near-exact ties). Zero feature vectors
+    have cosine 0 with everything.
 
     Args:
         query_features: ``(B, C, h_q, w_q)`` map or ``(B, N, C)`` rows (e.g. backbone features).
@@ -134,38 +136,33 @@ def similarity_match(
         in_box = kg.contains(qg.grid(*q_shape)).to(q.device)
 
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
-    with torch.no_grad(), torch.autocast(device_type=q.device.type, enabled=False):
-        q = q.detach().to(dtype)
-        k = k.detach().to(dtype)
-        qn = F.normalize(q, dim=-1)
-        kn = F.normalize(k, dim=-1)
-        if metric == "cosine":
-            kt = kn.transpose(1, 2)
-            bias = None
-        else:
-            kt = 2 * k.transpose(1, 2)
-            bias = (k * k).sum(-1)[:, None, :]  # (B, 1, M)
-        index = torch.empty(b, n, dtype=torch.long, device=q.device)
-        best = torch.empty(b, n, dtype=dtype, device=q.device)
-        rows = qn if metric == "cosine" else q
-        per_step = max(1, chunk_size // n)  # whole images per step while N <= chunk_size
-        step_n = min(n, chunk_size)
+    device = q.device
+    index = torch.empty(b, n, dtype=torch.long, device=device)
+    sim = torch.empty(b, n, dtype=dtype, device=device)
+    per_step = max(1, chunk_size // n)  # whole images per step while N <= chunk_size
+    step_n = min(n, chunk_size)
+    # Normalized copies are made per step only, so memory stays ~ chunk_size * (M + C) floats.
+    with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
         for b0 in range(0, b, per_step):
             b1 = min(b, b0 + per_step)
+            kb = k[b0:b1].detach().to(dtype)
+            kn = F.normalize(kb, dim=-1)
+            if metric == "cosine":
+                kt, bias = kn.transpose(1, 2), None
+            else:
+                kt, bias = 2 * kb.transpose(1, 2), (kb * kb).sum(-1)[:, None, :]  # (b, 1, M)
             for n0 in range(0, n, step_n):
                 n1 = min(n, n0 + step_n)
-                s = torch.bmm(rows[b0:b1, n0:n1], kt[b0:b1])
-                if bias is not None:
-                    s = s - bias[b0:b1]
-                val, idx = torch.max(s, dim=-1)
+                qc = q[b0:b1, n0:n1].detach().to(dtype)
+                qn = F.normalize(qc, dim=-1)
+                if bias is None:
+                    val, idx = torch.max(torch.bmm(qn, kt), dim=-1)
+                else:
+                    _, idx = torch.max(torch.bmm(qc, kt) - bias, dim=-1)
+                    matched = torch.gather(kn, 1, idx[..., None].expand(-1, -1, c))
+                    val = (qn * matched).sum(-1)
                 index[b0:b1, n0:n1] = idx
-                best[b0:b1, n0:n1] = val
-                del s
-        if metric == "cosine":
-            sim = best
-        else:
-            matched = torch.gather(kn, 1, index[..., None].expand(-1, -1, c))
-            sim = (qn * matched).sum(-1)
+                sim[b0:b1, n0:n1] = val
     return Matches(
         valid=torch.ones(b, n, dtype=torch.bool, device=q.device),
         weight=torch.ones(b, n, dtype=torch.float32, device=q.device),

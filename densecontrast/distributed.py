@@ -154,7 +154,9 @@ def all_gather(x: Tensor, grad: bool = False, group: dist.ProcessGroup | None = 
             process and many processes behave the same). ``True`` — the result is differentiable:
             rank ``r`` receives ``sum_s dL_s / dx_r``, the gradient of its own slice summed over
             all ranks' losses (see the module docstring). Every rank must then run ``backward``
-            through the gathered tensor, since the backward is itself a collective.
+            through the gathered tensor, since the backward is itself a collective; the
+            differentiable path is taken when ``x.requires_grad`` (and grad mode is on), so keep
+            that the same on every rank.
         group: process group (default group when ``None``).
 
     Returns:
@@ -170,8 +172,9 @@ def all_gather(x: Tensor, grad: bool = False, group: dist.ProcessGroup | None = 
         >>> all_gather(x).requires_grad
         False
     """
-    if not isinstance(x, Tensor):
-        raise ValueError(f"x must be a tensor, but got {type(x).__name__}")
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        got = "a 0-dim tensor" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a tensor with at least one dim (n, *), but got {got}")
     if not is_distributed():
         return x if grad else x.detach()
     if grad and x.requires_grad and torch.is_grad_enabled():

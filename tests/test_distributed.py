@@ -214,6 +214,18 @@ def test_rank_utilities_without_process_group() -> None:
     y = D.all_gather(x)
     assert not y.requires_grad and torch.equal(y, x.detach())
     torch.testing.assert_close(D.all_reduce_mean(torch.tensor([2.0, 4.0])), torch.tensor([2.0, 4.0]))
+    torch.testing.assert_close(D.all_reduce_sum(torch.tensor([2, 4])), torch.tensor([2, 4]))
+    b = torch.tensor([1.0, 2.0])
+    assert D.broadcast_(b) is b
+    w = torch.tensor([1.0, 0.0, 3.0])
+    l = torch.tensor([2.0, 5.0, 4.0], requires_grad=True)
+    out = D.global_weighted_mean((w * l).sum(), w.sum())
+    torch.testing.assert_close(out, torch.tensor(14.0 / 4.0))
+    out.backward()
+    torch.testing.assert_close(l.grad, w / 4.0)
+    torch.testing.assert_close(D.global_weighted_mean(l.sum() * 0, torch.tensor(0.0)), torch.tensor(0.0))
+    with pytest.raises(ValueError, match="at least one dim"):
+        D.all_gather(torch.tensor(1.0))
 
 
 def test_uneven_all_gather_without_grad(results: list[dict]) -> None:

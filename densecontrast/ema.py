@@ -137,6 +137,12 @@ class EMA(nn.Module):
         update_after_step: for steps ``t < update_after_step`` the update copies the online
             model (``m = 0``); the schedule is evaluated at the global ``t`` afterwards.
 
+    Attributes:
+        target: the averaged copy (frozen; put it in eval/train mode as you need).
+        schedule: the ``momentum`` argument (a float or a callable); it may be reassigned, e.g.
+            once the total number of steps is known.
+        step_count: long scalar buffer, the ``t`` of the next update (see :attr:`step`).
+
     Example:
         >>> import torch
         >>> from densecontrast.schedules import CosineMomentum

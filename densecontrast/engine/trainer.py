@@ -99,6 +99,8 @@ def add_common_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpars
     g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume)")
     g.add_argument("--no-eval", action="store_true", help="skip the final correspondence evaluation and plots")
+    g.add_argument("--save-rank-states", action="store_true",
+                   help="also write rank<r>.pth (model + state) on every rank at the end, to check DDP consistency")
     parser.set_defaults(**defaults)
     return parser
 
@@ -280,6 +282,13 @@ class Trainer:
         if dist_info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp: nn.Module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            # DDP copied rank 0's weights to every rank; the state modules (momentum target, queues)
+            # were built before from per-rank seeds, so they start from rank 0's copy too.
+            import torch.distributed as dist
+
+            for module in self.state.values():
+                for t in [*module.parameters(), *module.buffers()]:
+                    dist.broadcast(t.data, src=0)
         else:
             self.ddp = self.model
         self.global_batch = args.batch_size * dist_info.world_size
@@ -322,8 +331,26 @@ class Trainer:
         return out
 
     def save(self) -> None:
-        """Write :attr:`checkpoint_file` atomically (rank 0)."""
+        """Write :attr:`checkpoint_file` atomically (rank 0); a collective when distributed.
+
+        BatchNorm running statistics are per process unless SyncBatchNorm is used (GPU only):
+        before saving they are broadcast from rank 0 — what DDP also does at every forward
+        (``broadcast_buffers``) — so every rank holds the checkpointed statistics.
+        """
+        if self.dist.distributed:
+            self.broadcast_batchnorm_stats()
         save_checkpoint(self.state_dict(), self.checkpoint_file)
+
+    def broadcast_batchnorm_stats(self) -> None:
+        """Copy rank 0's BatchNorm running statistics (online model and state modules) to every rank."""
+        import torch.distributed as dist
+
+        modules = [self.model, *self.state.values()]
+        for root in modules:
+            for m in root.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    for buf in m.buffers(recurse=False):
+                        dist.broadcast(buf, src=0)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore a checkpoint written by :meth:`save`."""
@@ -408,6 +435,9 @@ class Trainer:
                 values = {k: float(v) for k, v in out.metrics.items()}
                 values["loss"] = float(loss.detach())
                 values["lr"] = self.optimizer.param_groups[0]["lr"]
+                skipped = self._skipped_images()
+                if skipped is not None:
+                    values["skipped_images"] = skipped
                 if extra:
                     values.update({k: float(v) for k, v in extra.items()})
                 logger.update(**values)
@@ -431,9 +461,22 @@ class Trainer:
                     self.stopped_by_signal = True
                     break
         self.save()
+        if args.save_rank_states:
+            torch.save({k: v for k, v in self.state_dict().items() if k not in ("rng", "args")},
+                       self.output_dir / f"rank{self.dist.rank}.pth")
         if self.tb is not None:
             self.tb.flush()
         return last
+
+    def _skipped_images(self) -> int | None:
+        """Unreadable images skipped so far by this process's image folder (None for synthetic data).
+
+        With DataLoader workers each worker counts its own skips in its copy of the dataset; the
+        main process only sees its own (``--workers 0`` counts them all). Each skip also warns once.
+        """
+        base = getattr(getattr(self.dataset, "dataset", None), "dataset", None)
+        n = getattr(base, "num_skipped", None)
+        return int(n) if n is not None else None
 
     def close(self) -> None:
         """Close the log writers."""

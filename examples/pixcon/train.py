@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> None:
     loader, dataset, sampler = build_pretraining_loader(args, transform, dist_info)
 
     online = PixConOnline(args.arch, args.proj_hidden, args.proj_dim)
-    if args.sync_bn:
+    if args.sync_bn and dist_info.device.type == "cuda":  # SyncBatchNorm needs GPUs
         online = convert_sync_batchnorm(online, dist_info.distributed)
     target = MomentumEncoder(online.encoder, CosineMomentum(1, base=args.momentum_base), buffers="none")
     global_queue = MomentumQueue(args.proj_dim, args.queue_size, seed=args.seed)

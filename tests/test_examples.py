@@ -1,0 +1,155 @@
+"""The reference scripts run end to end: a few steps, DDP on 2 processes, exact resume, preemption, bad files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = sorted(p.parent.name for p in (ROOT / "examples").glob("*/train.py"))
+TINY = [
+    "--num-images", "24", "--image-size", "48", "--crop-size", "32", "--batch-size", "4", "--workers", "0",
+    "--print-freq", "1", "--queue-size", "64",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def _tiny_args(method: str) -> list[str]:
+    """Tiny sizes; the queue-size flag only for methods that have a queue."""
+    text = (ROOT / "examples" / method / "train.py").read_text()
+    args = list(TINY)
+    if "--queue-size" not in text:
+        i = args.index("--queue-size")
+        del args[i : i + 2]
+    return args
+
+
+def _run(method: str, out: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(ROOT / "examples" / method / "train.py"), *_tiny_args(method),
+           "--output-dir", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nSTDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _losses(out: Path) -> list[float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_state_equal(a: dict, b: dict, keys: list[str], atol: float = 0.0) -> None:
+    for key in keys:
+        sa, sb = a[key], b[key]
+        assert sa.keys() == sb.keys(), key
+        for name in sa:
+            ta, tb = sa[name], sb[name]
+            if atol == 0.0 or not ta.is_floating_point():
+                assert torch.equal(ta, tb), f"{key}.{name} differs"
+            else:
+                torch.testing.assert_close(ta, tb, atol=atol, rtol=0, msg=f"{key}.{name} differs")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_script_runs_a_few_steps(method: str, tmp_path: Path) -> None:
+    out = tmp_path / method
+    _run(method, out, "--max-steps", "2", "--no-eval")
+    losses = _losses(out)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    ckpt = _load(out / "checkpoint.pth")
+    assert ckpt["step"] == 2 and "model" in ckpt and "optimizer" in ckpt and "rng" in ckpt
+
+
+def test_report_with_pictures_and_export(tmp_path: Path) -> None:
+    import torchvision  # noqa: F401  (the export check needs it)
+
+    out = tmp_path / "pixcon"
+    proc = _run("pixcon", out, "--max-steps", "2", "--variant", "sr")
+    report = json.loads((out / "report.json").read_text())
+    for key in ("trained_crop_within_one", "random_init_crop_within_one", "trained_flip_exact"):
+        assert 0.0 <= report[key] <= 1.0
+    assert "correspondence accuracy" in proc.stdout
+    for name in ("loss.png", "matches.png"):
+        assert (out / name).stat().st_size > 1000
+    state = _load(out / "backbone.pth")
+    assert any(k.endswith("weight") for k in state["state_dict"])
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    """4 steps straight == 2 steps, stop, resume, 2 more (bit-exact on CPU with deterministic settings)."""
+    common = ("--max-steps", "4", "--no-eval", "--deterministic", "--variant", "sr")
+    full, part = tmp_path / "full", tmp_path / "part"
+    _run("pixcon", full, *common)
+    _run("pixcon", part, *common, "--stop-after", "2")
+    assert _load(part / "checkpoint.pth")["step"] == 2
+    _run("pixcon", part, *common, "--resume", "auto")
+    a, b = _load(full / "checkpoint.pth"), _load(part / "checkpoint.pth")
+    assert a["step"] == b["step"] == 4
+    _assert_state_equal(a, b, ["model", "target", "global_queue", "dense_queue", "scheduler"])
+    assert _losses(full) == _losses(part)
+
+
+def test_torchrun_two_processes_stay_identical(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "examples" / "pixcon" / "train.py"), *_tiny_args("pixcon"), "--output-dir", str(out),
+           "--max-steps", "2", "--no-eval", "--save-rank-states", "--variant", "sr"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "global batch 8" in proc.stdout + proc.stderr
+    r0, r1 = _load(out / "rank0.pth"), _load(out / "rank1.pth")
+    _assert_state_equal(r0, r1, ["model", "target", "global_queue", "dense_queue"])
+
+
+def test_sigterm_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "sig"
+    cmd = [sys.executable, str(ROOT / "examples" / "pixcon" / "train.py"), *_tiny_args("pixcon"),
+           "--output-dir", str(out), "--epochs", "1000", "--max-steps", "500", "--no-eval", "--save-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 240
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait until training is under way (the loop ends at EOF otherwise)
+        if "step 1/500" in line:
+            break
+        assert time.time() < deadline, "the script did not start training"
+    else:
+        pytest.fail("the script ended before its first logged step")
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, rest[-3000:]
+    assert "preemption signal received" in rest
+    ckpt = _load(out / "checkpoint.pth")
+    assert 1 <= ckpt["step"] < 500
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = tmp_path / "images" / "sub"
+    data.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(9):
+        arr = (torch.rand(40, 56, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(data / f"img{i}.png")
+    (data / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    out = tmp_path / "run"
+    proc = _run("pixcon", out, "--data", str(tmp_path / "images"), "--max-steps", "2", "--no-eval")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_images"] == 1
+    assert "broken.jpg" in proc.stderr

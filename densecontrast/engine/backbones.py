@@ -46,7 +46,7 @@ class ResNetTrunk(nn.Module):
         out_channels: channels of the output map (512 for ResNet-18/34, 2048 for 50/101/152).
         stride: input pixels per output cell (32, or 16 / 8 with dilation).
 
-    Example:
+    Examples:
         >>> import torch, torchvision
         >>> trunk = ResNetTrunk(torchvision.models.resnet18())
         >>> trunk(torch.zeros(1, 3, 64, 96)).shape, trunk.stride
@@ -98,7 +98,7 @@ class TinyConvNet(nn.Module):
         out_channels: ``4 * width``.
         stride: the output stride.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = TinyConvNet(stride=8)
         >>> net(torch.zeros(2, 3, 96, 96)).shape, net.out_channels
@@ -151,11 +151,11 @@ def build_backbone(name: str = "resnet50", *, output_stride: int | None = None, 
     Raises:
         ValueError: for an unknown name or an unsupported stride.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net, c = build_backbone("resnet18")
-        >>> net(torch.zeros(1, 3, 224, 224)).shape, c, net.stride
-        (torch.Size([1, 512, 7, 7]), 512, 32)
+        >>> net(torch.zeros(1, 3, 96, 64)).shape, c, net.stride
+        (torch.Size([1, 512, 3, 2]), 512, 32)
         >>> net, c = build_backbone("tiny", output_stride=16)
         >>> net(torch.zeros(1, 3, 96, 96)).shape
         torch.Size([1, 128, 6, 6])
@@ -191,7 +191,7 @@ def convert_sync_batchnorm(model: nn.Module, enabled: bool | None = None) -> nn.
     Returns:
         The converted model (a new root module if the root itself was a BatchNorm), or ``model``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
         >>> type(convert_sync_batchnorm(m)[1]).__name__  # not distributed: unchanged

@@ -90,7 +90,7 @@ def save_checkpoint(
     Raises:
         ValueError: if ``validate`` finds an entry that could not be loaded back.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> p = os.path.join(tempfile.mkdtemp(), "checkpoint.pth")
         >>> save_checkpoint({"epoch": 3, "w": torch.ones(2)}, p)
@@ -126,7 +126,7 @@ def save_checkpoint(
 def save_on_main(state: Mapping[str, Any], path: str | os.PathLike[str]) -> bool:
     """``save_checkpoint(state, path, main_only=True)``: the torchvision ``save_on_master`` idiom.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> save_on_main({"epoch": 0}, os.path.join(tempfile.mkdtemp(), "c.pth"))
         True
@@ -161,7 +161,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     Raises:
         FileNotFoundError: if ``path`` does not exist.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> p = os.path.join(tempfile.mkdtemp(), "c.pth")
         >>> _ = save_checkpoint({"rng": rng_state()}, p)
@@ -177,7 +177,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 def checkpoint_path(output_dir: str | os.PathLike[str], epoch: int | None = None) -> Path:
     """The conventional file name: ``checkpoint.pth`` (latest) or ``checkpoint_{epoch:04d}.pth``.
 
-    Example:
+    Examples:
         >>> checkpoint_path("runs/x", 7).name, checkpoint_path("runs/x").name
         ('checkpoint_0007.pth', 'checkpoint.pth')
     """
@@ -212,7 +212,7 @@ def resolve_resume(resume: str | os.PathLike[str] | None, output_dir: str | os.P
     Raises:
         FileNotFoundError: if an explicit path does not exist.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> d = tempfile.mkdtemp()
         >>> resolve_resume("auto", d) is None
@@ -248,21 +248,18 @@ def rng_state() -> dict[str, Any]:
     """The state of every random generator of this process, loadable with ``weights_only=True``.
 
     Returns:
-        A dict with
-
-        * ``"python"``: ``{"version": int, "state": int64 tensor (625,), "gauss": float | None}``
-          from :func:`random.getstate`;
-        * ``"torch"``: the CPU generator's ``uint8`` state tensor;
-        * ``"cuda"``: a list of per-device ``uint8`` state tensors (only when CUDA is
-          initialised);
-        * ``"numpy"``: the legacy global generator's state (only when NumPy is installed).
+        A dict with the keys ``"python"`` (``{"version": int, "state": int64 tensor (625,),
+        "gauss": float | None}`` from :func:`random.getstate`), ``"torch"`` (the CPU generator's
+        ``uint8`` state tensor), ``"cuda"`` (a list of per-device ``uint8`` state tensors, only
+        when CUDA is initialised) and ``"numpy"`` (the legacy global generator's state, only
+        when NumPy is installed).
 
     Note:
         These are *this process's* generators. In a distributed run every rank has its own:
         gather them with :func:`densecontrast.engine.gather_rng_states` (collective) and store
         the list; :func:`set_rng_state` picks this rank's entry.
 
-    Example:
+    Examples:
         >>> s = rng_state()
         >>> a = torch.rand(3); set_rng_state(s); bool((torch.rand(3) == a).all())
         True
@@ -296,7 +293,7 @@ def gather_rng_states() -> dict[str, Any]:
     A collective (``all_gather_object``): call it on **every** rank, then save on rank 0.
     Without a process group it returns a one-element list.
 
-    Example:
+    Examples:
         >>> len(gather_rng_states()["per_rank"])
         1
     """
@@ -324,7 +321,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     Raises:
         ValueError: if ``state`` is malformed or was gathered with a different world size.
 
-    Example:
+    Examples:
         >>> s = rng_state()
         >>> import random; x = random.random(); set_rng_state(s); random.random() == x
         True
@@ -413,7 +410,7 @@ def export_backbone(
     Raises:
         ValueError: if ``verify`` finds unexpected, missing or mis-shaped keys.
 
-    Example:
+    Examples:
         >>> import tempfile, os, torchvision
         >>> from densecontrast.engine import build_backbone
         >>> net, _ = build_backbone("resnet18")

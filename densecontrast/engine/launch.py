@@ -52,7 +52,7 @@ __all__ = [
 def is_main_process() -> bool:
     """``True`` on rank 0 (and in a single-process run).
 
-    Example:
+    Examples:
         >>> is_main_process()
         True
     """
@@ -70,7 +70,7 @@ class DistInfo:
         device: the device this process computes on.
         distributed: ``True`` when a default process group was initialised.
 
-    Example:
+    Examples:
         >>> info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
         >>> info.is_main
         True
@@ -143,7 +143,7 @@ def init_distributed(
     Raises:
         ValueError: if the environment variables are inconsistent, or ``backend`` is unknown.
 
-    Example:
+    Examples:
         >>> info = init_distributed(device="cpu")  # plain `python`, no launcher variables
         >>> info.world_size, info.rank, info.distributed
         (1, 0, False)
@@ -206,7 +206,7 @@ def setup_for_distributed(is_main: bool) -> None:
     Args:
         is_main: whether this process should print.
 
-    Example:
+    Examples:
         >>> setup_for_distributed(False)
         >>> print("hidden")
         >>> print("shown", force=True)
@@ -240,7 +240,7 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     Raises:
         ValueError: if ``seed`` or ``rank`` is negative.
 
-    Example:
+    Examples:
         >>> seed_everything(0, rank=1)
         1
         >>> a = torch.rand(2); _ = seed_everything(0, rank=1); bool((a == torch.rand(2)).all())
@@ -289,7 +289,7 @@ class PreemptionHandler:
     Raises:
         ValueError: if ``signals`` is empty.
 
-    Example:
+    Examples:
         >>> import os, signal
         >>> with PreemptionHandler() as preempt:
         ...     os.kill(os.getpid(), signal.SIGTERM)  # the process survives
@@ -357,7 +357,7 @@ class PreemptionHandler:
             device: where the one-element flag tensor lives; must be a CUDA device with NCCL.
                 Default: the current CUDA device with NCCL, else the CPU.
 
-        Example:
+        Examples:
             >>> PreemptionHandler().synchronize()
             False
         """
@@ -390,7 +390,7 @@ class PreemptionHandler:
 def cleanup() -> None:
     """Destroy the default process group if there is one (safe to call in any run).
 
-    Example:
+    Examples:
         >>> cleanup()
     """
     if is_distributed():

@@ -75,7 +75,7 @@ class SmoothedValue:
     :attr:`median` is the true median of the window (mean of the two middle values for an even
     count).
 
-    Example:
+    Examples:
         >>> v = SmoothedValue(window_size=3)
         >>> for x in [1.0, 2.0, 3.0, 10.0]:
         ...     v.update(x)
@@ -182,7 +182,7 @@ class MetricLogger:
     Meters are created on the fly by :meth:`update` and read as attributes
     (``logger.loss.global_avg``) or by ``logger.meters["loss"]``.
 
-    Example:
+    Examples:
         >>> logger = MetricLogger(window_size=2)
         >>> logger.update(loss=torch.tensor(1.0), acc=0.5)
         >>> logger.update(loss=3.0, acc=0.7)
@@ -259,7 +259,7 @@ class MetricLogger:
         Yields:
             The items of ``iterable``, unchanged.
 
-        Example:
+        Examples:
             >>> lines = []
             >>> logger = MetricLogger(print_fn=lines.append)
             >>> for x in logger.log_every([torch.zeros(4, 3)] * 5, print_freq=2, header="Epoch [0]"):
@@ -338,7 +338,7 @@ class JsonlWriter:
         path: the ``.jsonl`` file (appended to when it exists, so resumed runs continue it).
         enabled: write or not; default: only on rank 0.
 
-    Example:
+    Examples:
         >>> import json, tempfile, os
         >>> d = tempfile.mkdtemp()
         >>> with JsonlWriter(os.path.join(d, "log.jsonl")) as w:
@@ -389,7 +389,7 @@ class TensorBoardWriter:
     Attributes:
         available: ``True`` when events are actually being written.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with TensorBoardWriter(tempfile.mkdtemp()) as tb:
         ...     tb.add_scalars({"loss": 1.0, "lr": torch.tensor(0.1)}, step=0, prefix="train/")
@@ -452,7 +452,7 @@ def progress_bar(iterable: Iterable[T], enabled: bool | None = None, **tqdm_kwar
     Returns:
         A tqdm object or ``iterable`` itself.
 
-    Example:
+    Examples:
         >>> sum(progress_bar(range(4), enabled=False))
         6
     """

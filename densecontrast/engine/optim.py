@@ -56,7 +56,7 @@ class LARS(Optimizer):
     Raises:
         ValueError: for out-of-range hyperparameters.
 
-    Example:
+    Examples:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> model = torch.nn.Linear(4, 2)
@@ -163,7 +163,7 @@ def param_groups_weight_decay(
         ``[{"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
         {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]`` (empty groups dropped).
 
-    Example:
+    Examples:
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
         >>> groups = param_groups_weight_decay(net, 1e-4)
         >>> [(len(g["params"]), g["weight_decay"]) for g in groups]
@@ -197,7 +197,7 @@ def scale_lr(base_lr: float, global_batch: int, base_batch: int = 256) -> float:
             size x gradient-accumulation steps), >= 1.
         base_batch: the reference batch, 256 in BYOL / PixPro / LC-loss / SimSiam.
 
-    Example:
+    Examples:
         >>> scale_lr(1.0, 1024)  # PixPro: base lr 1.0 at 8 x 128 images
         4.0
     """
@@ -229,7 +229,7 @@ class WarmupCosineScheduler(LRScheduler):
         final_ratio: LR multiplier reached at ``total_steps``, in ``[0, 1]``.
         last_epoch: index of the last step when resuming without ``load_state_dict``.
 
-    Example:
+    Examples:
         >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
         >>> sched = WarmupCosineScheduler(opt, total_steps=100, warmup_steps=10, warmup_start_ratio=0.0)
         >>> lrs = []

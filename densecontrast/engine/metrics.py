@@ -115,7 +115,6 @@ class SmoothedValue:
             return
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         t = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
-        dist.barrier()
         dist.all_reduce(t)
         self.count, self.total = float(t[0].item()), float(t[1].item())
 

@@ -393,8 +393,8 @@ def plot_training(
 
     Example:
         >>> fig = plot_training([{"step": s, "loss": 1.0 / (s + 1), "lr": 0.1} for s in range(10)])
-        >>> [ax.get_title() for ax in fig.axes]
-        ['loss', 'lr']
+        >>> len(fig.axes), fig.axes[0].get_title(), fig.axes[1].get_title()
+        (2, 'loss', 'lr')
     """
     records = _load_records(metrics)
     if not records:

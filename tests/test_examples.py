@@ -58,7 +58,9 @@ def _assert_state_equal(a: dict, b: dict, keys: list[str], atol: float = 0.0) ->
         assert sa.keys() == sb.keys(), key
         for name in sa:
             ta, tb = sa[name], sb[name]
-            if atol == 0.0 or not ta.is_floating_point():
+            if not isinstance(ta, torch.Tensor):
+                assert ta == tb, f"{key}.{name} differs"
+            elif atol == 0.0 or not ta.is_floating_point():
                 assert torch.equal(ta, tb), f"{key}.{name} differs"
             else:
                 torch.testing.assert_close(ta, tb, atol=atol, rtol=0, msg=f"{key}.{name} differs")

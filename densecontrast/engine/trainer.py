@@ -38,15 +38,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from densecontrast.distributed import unwrap_model
 from densecontrast.engine.checkpoint import (
+    gather_rng_states,
     load_checkpoint,
     resolve_resume,
-    rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from densecontrast.engine.launch import DistInfo, PreemptionHandler
+from densecontrast.engine.launch import DistInfo, PreemptionHandler, seed_everything
 from densecontrast.engine.metrics import JsonlWriter, MetricLogger, TensorBoardWriter, progress_bar
-from densecontrast.engine.optim import LARS, WarmupCosineScheduler, param_groups_weight_decay
+from densecontrast.engine.optim import LARS, WarmupCosineScheduler, param_groups_weight_decay, scale_lr
 
 __all__ = [
     "SeededViews",
@@ -295,6 +295,8 @@ class Trainer:
         self.iters_per_epoch = sampler.batches_per_epoch
         total = args.epochs * self.iters_per_epoch
         self.total_steps = min(total, args.max_steps) if args.max_steps else total
+        if args.lr_scaling == "linear":  # --lr is per 256 images: scale once, then record the result
+            args.base_lr, args.lr, args.lr_scaling = args.lr, scale_lr(args.lr, self.global_batch), "none"
         self.optimizer = _build_optimizer(args, self.model)
         warmup = min(int(args.warmup_epochs * self.iters_per_epoch), self.total_steps - 1)
         self.scheduler = WarmupCosineScheduler(
@@ -323,7 +325,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": self.step // self.iters_per_epoch,
-            "rng": rng_state(),
+            "rng": gather_rng_states(),  # a collective: every rank's generators, restored per rank
             "args": checkpointable_args(self.args),
         }
         for name, module in self.state.items():
@@ -363,7 +365,11 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
+            try:
+                set_rng_state(ckpt["rng"])
+            except ValueError as err:  # resumed on a different number of processes
+                print(f"not restoring RNG states ({err}); re-seeding instead")
+                seed_everything(self.args.seed + self.step, self.dist.rank)
 
     def maybe_resume(self) -> Path | None:
         """Apply ``--resume`` (a path or ``auto``); returns the checkpoint used, if any."""
@@ -462,7 +468,8 @@ class Trainer:
                     break
         self.save()
         if args.save_rank_states:
-            torch.save({k: v for k, v in self.state_dict().items() if k not in ("rng", "args")},
+            state = self.state_dict()
+            torch.save({k: v for k, v in state.items() if k not in ("rng", "args")},
                        self.output_dir / f"rank{self.dist.rank}.pth")
         if self.tb is not None:
             self.tb.flush()

@@ -56,6 +56,7 @@ __all__ = [
     "add_common_args",
     "build_pretraining_loader",
     "checkpointable_args",
+    "parse_with_presets",
 ]
 
 
@@ -103,6 +104,25 @@ def add_common_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpars
                    help="also write rank<r>.pth (model + state) on every rank at the end, to check DDP consistency")
     parser.set_defaults(**defaults)
     return parser
+
+
+def parse_with_presets(
+    parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[str, Any]], argv: list[str] | None = None
+) -> argparse.Namespace:
+    """Parse ``argv``; the values of ``--preset NAME`` become defaults, so explicit flags still win.
+
+    Example:
+        >>> p = add_common_args(argparse.ArgumentParser())
+        >>> _ = p.add_argument("--preset", default="demo")
+        >>> a = parse_with_presets(p, {"paper": {"lr": 0.4, "amp": "fp16"}}, ["--preset", "paper", "--amp", "bf16"])
+        >>> a.lr, a.amp
+        (0.4, 'bf16')
+    """
+    known, _ = parser.parse_known_args(argv)
+    name = getattr(known, "preset", None)
+    if name in presets:
+        parser.set_defaults(**presets[name])
+    return parser.parse_args(argv)
 
 
 def checkpointable_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -19,8 +19,10 @@ so :func:`densecontrast.engine.export_backbone` output loads into ``torchvision.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -186,7 +188,8 @@ def convert_sync_batchnorm(model: nn.Module, enabled: bool | None = None) -> nn.
     Args:
         model: the network (before wrapping it in DDP).
         enabled: convert or not; default: only when a process group with more than one process
-            exists (on one process ``SyncBatchNorm`` would only add overhead).
+            exists (on one process ``SyncBatchNorm`` would only add overhead) and CUDA is available
+            (``SyncBatchNorm`` runs on GPUs only; on CPU a warning says BatchNorm stays per process).
 
     Returns:
         The converted model (a new root module if the root itself was a BatchNorm), or ``model``.
@@ -201,4 +204,7 @@ def convert_sync_batchnorm(model: nn.Module, enabled: bool | None = None) -> nn.
     """
     if enabled is None:
         enabled = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if enabled and not torch.cuda.is_available():
+            warnings.warn("SyncBatchNorm needs CUDA devices; keeping per-process BatchNorm on the CPU", stacklevel=2)
+            return model
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if enabled else model

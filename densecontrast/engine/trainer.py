@@ -44,7 +44,7 @@ from densecontrast.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from densecontrast.engine.launch import DistInfo, PreemptionHandler, seed_everything
+from densecontrast.engine.launch import DistInfo, PreemptionHandler, seed_everything, setup_for_distributed
 from densecontrast.engine.metrics import JsonlWriter, MetricLogger, TensorBoardWriter, progress_bar
 from densecontrast.engine.optim import LARS, WarmupCosineScheduler, param_groups_weight_decay, scale_lr
 
@@ -292,6 +292,7 @@ class Trainer:
         sampler: ShardedSampler,
     ) -> None:
         self.args, self.dist, self.state = args, dist_info, dict(state)
+        setup_for_distributed(dist_info.is_main)  # print only on rank 0 (print(..., force=True) escapes)
         self.loader, self.dataset, self.sampler = loader, dataset, sampler
         self.device = dist_info.device
         self.output_dir = Path(args.output_dir)
@@ -438,6 +439,7 @@ class Trainer:
         )
         bar = progress_bar(range(self.step, stop_at), enabled=self.dist.is_main, desc="train")
         bar_iter = iter(bar)
+        next(bar_iter, None)  # the bar counts a step when the next one is requested: prime it
         self.model.train()
         with PreemptionHandler() as preempt:
             for epoch, batch in self._batches():

@@ -40,9 +40,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densecontrast.ema import MomentumEncoder
-from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, scale_lr, seed_everything
+from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, seed_everything
 from densecontrast.engine.report import final_report, true_cell_agreement
-from densecontrast.engine.trainer import StepOutput, Trainer, add_common_args, build_pretraining_loader
+from densecontrast.engine.trainer import (
+    StepOutput,
+    Trainer,
+    add_common_args,
+    build_pretraining_loader,
+    parse_with_presets,
+)
 from densecontrast.heads import densecl_heads
 from densecontrast.losses.dense_infonce import DenseInfoNCE
 from densecontrast.losses.global_losses import InfoNCE
@@ -99,30 +105,20 @@ def encode(encoder: nn.ModuleDict, view: Tensor) -> dict[str, Tensor]:
     }
 
 
-def apply_lr_scaling(args: argparse.Namespace, world_size: int) -> None:
-    """``--lr-scaling linear``: turn the per-256-images lr into the global-batch lr the trainer uses."""
-    if args.lr_scaling == "linear":
-        args.lr = scale_lr(args.lr, args.batch_size * world_size)
-        args.lr_scaling = "none"  # applied once (the saved args hold the effective lr)
-
 
 def main(args: argparse.Namespace) -> None:
-    if args.preset == "paper":
-        for k, v in PAPER.items():
-            setattr(args, k, v)
     args.output_dir = args.output_dir or "runs/densecl"
     dist_info = init_distributed(device=args.device)
     seed_everything(args.seed, dist_info.rank)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
-    apply_lr_scaling(args, dist_info.world_size)
 
     transform = mocov2_views(args.crop_size)  # DenseCL: MoCo v2 views, scale (0.2, 1), no overlap constraint
     loader, dataset, sampler = build_pretraining_loader(args, transform, dist_info)
 
     online = DenseCLOnline(args.arch, args.proj_hidden, args.proj_dim)
     if args.sync_bn:  # replaces ShuffleBN (not implemented), see the module docstring
-        online = convert_sync_batchnorm(online, dist_info.distributed)
+        online = convert_sync_batchnorm(online)
     # The key encoder keeps its own BN statistics (buffers="none"), as MoCo's.
     target = MomentumEncoder(online.encoder, constant_momentum(args.momentum), buffers="none")
     global_queue = MomentumQueue(args.proj_dim, args.queue_size, seed=args.seed)
@@ -189,4 +185,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_with_presets(get_args_parser(), {"paper": PAPER}))

@@ -48,9 +48,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, scale_lr, seed_everything
+from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, seed_everything
 from densecontrast.engine.report import final_report
-from densecontrast.engine.trainer import StepOutput, Trainer, add_common_args, build_pretraining_loader
+from densecontrast.engine.trainer import (
+    StepOutput,
+    Trainer,
+    add_common_args,
+    build_pretraining_loader,
+    parse_with_presets,
+)
 from densecontrast.heads import densesiam_heads
 from densecontrast.losses.dense_simsiam import DenseSimSiamLoss, RegionSimLoss, region_embeddings
 from densecontrast.losses.global_losses import NegativeCosine
@@ -142,18 +148,11 @@ def mask_statistics(logits: Tensor) -> tuple[float, float]:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.preset == "paper":
-        for k, v in PAPER.items():
-            setattr(args, k, v)
     args.output_dir = args.output_dir or "runs/densesiam"
     dist_info = init_distributed(device=args.device)
     seed_everything(args.seed, dist_info.rank)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
-    if args.lr_scaling == "linear":  # lr is per 256 images: scale to the global batch once, here
-        args.base_lr = args.lr
-        args.lr = scale_lr(args.lr, args.batch_size * dist_info.world_size)
-        args.lr_scaling = "none"
 
     transform = mocov2_views(args.crop_size)  # RRC scale (0.2, 1), flip, MoCo v2 colour
     loader, dataset, sampler = build_pretraining_loader(args, transform, dist_info)
@@ -161,7 +160,7 @@ def main(args: argparse.Namespace) -> None:
     online = DenseSiamOnline(args.arch, args.proj_hidden, args.proj_dim, args.pred_hidden, args.num_regions,
                              args.region_dim)
     if args.sync_bn:
-        online = convert_sync_batchnorm(online, dist_info.distributed)
+        online = convert_sync_batchnorm(online)
     trainer = Trainer(args, online, {}, dist_info, loader, dataset, sampler)  # no momentum target, no queue
     trainer.maybe_resume()
     region_from = math.ceil(args.region_start * trainer.total_steps)
@@ -216,4 +215,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_with_presets(get_args_parser(), {"paper": PAPER}))

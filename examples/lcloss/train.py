@@ -34,9 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from densecontrast.ema import MomentumEncoder
-from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, scale_lr, seed_everything
+from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, seed_everything
 from densecontrast.engine.report import final_report, true_cell_agreement
-from densecontrast.engine.trainer import StepOutput, Trainer, add_common_args, build_pretraining_loader
+from densecontrast.engine.trainer import (
+    StepOutput,
+    Trainer,
+    add_common_args,
+    build_pretraining_loader,
+    parse_with_presets,
+)
 from densecontrast.heads import lc_heads
 from densecontrast.losses.global_losses import BYOLLoss
 from densecontrast.losses.local_contrastive import LocalContrastiveLoss
@@ -102,25 +108,18 @@ def encode(encoder: nn.ModuleDict, view: Tensor, dense: bool) -> dict[str, Tenso
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.preset == "paper":
-        for k, v in PAPER.items():
-            setattr(args, k, v)
     args.output_dir = args.output_dir or "runs/lcloss"
     dist_info = init_distributed(device=args.device)
     seed_everything(args.seed, dist_info.rank)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
-    if args.lr_scaling == "linear":  # lr is per 256 images: scale to the global batch once, here
-        args.base_lr = args.lr
-        args.lr = scale_lr(args.lr, args.batch_size * dist_info.world_size)
-        args.lr_scaling = "none"
 
     transform = lc_views(args.crop_size, scale=(args.scale_min, 1.0))  # view 0 = I_c, view 1 = I_sc
     loader, dataset, sampler = build_pretraining_loader(args, transform, dist_info)
 
     online = LCOnline(args.arch, args.proj_hidden, args.proj_dim, args.dense_hidden, args.dense_dim)
     if args.sync_bn:
-        online = convert_sync_batchnorm(online, dist_info.distributed)
+        online = convert_sync_batchnorm(online)
     target = MomentumEncoder(online.encoder, CosineMomentum(1, base=args.momentum_base), buffers="none")
     trainer = Trainer(args, online, {"target": target}, dist_info, loader, dataset, sampler)
     target.schedule = CosineMomentum(trainer.total_steps, base=args.momentum_base)
@@ -166,4 +165,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_with_presets(get_args_parser(), {"paper": PAPER}))

@@ -29,7 +29,13 @@ from torch import Tensor, nn
 from densecontrast.ema import MomentumEncoder
 from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, seed_everything
 from densecontrast.engine.report import final_report, true_cell_agreement
-from densecontrast.engine.trainer import StepOutput, Trainer, add_common_args, build_pretraining_loader
+from densecontrast.engine.trainer import (
+    StepOutput,
+    Trainer,
+    add_common_args,
+    build_pretraining_loader,
+    parse_with_presets,
+)
 from densecontrast.heads import pixcon_heads
 from densecontrast.losses.dense_infonce import DenseInfoNCE
 from densecontrast.losses.global_losses import InfoNCE
@@ -96,9 +102,6 @@ def encode(encoder: nn.ModuleDict, view: Tensor) -> dict[str, Tensor]:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.preset == "paper":
-        for k, v in PAPER.items():
-            setattr(args, k, v)
     args.output_dir = args.output_dir or "runs/pixcon"
     dist_info = init_distributed(device=args.device)
     seed_everything(args.seed, dist_info.rank)
@@ -109,8 +112,8 @@ def main(args: argparse.Namespace) -> None:
     loader, dataset, sampler = build_pretraining_loader(args, transform, dist_info)
 
     online = PixConOnline(args.arch, args.proj_hidden, args.proj_dim)
-    if args.sync_bn and dist_info.device.type == "cuda":  # SyncBatchNorm needs GPUs
-        online = convert_sync_batchnorm(online, dist_info.distributed)
+    if args.sync_bn:
+        online = convert_sync_batchnorm(online)
     target = MomentumEncoder(online.encoder, CosineMomentum(1, base=args.momentum_base), buffers="none")
     global_queue = MomentumQueue(args.proj_dim, args.queue_size, seed=args.seed)
     dense_queue = MomentumQueue(args.proj_dim, args.queue_size, seed=args.seed + 1)
@@ -179,4 +182,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_with_presets(get_args_parser(), {"paper": PAPER}))

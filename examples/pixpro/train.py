@@ -37,9 +37,15 @@ import torch
 from torch import Tensor, nn
 
 from densecontrast.ema import MomentumEncoder
-from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, scale_lr, seed_everything
+from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, seed_everything
 from densecontrast.engine.report import final_report
-from densecontrast.engine.trainer import StepOutput, Trainer, add_common_args, build_pretraining_loader
+from densecontrast.engine.trainer import (
+    StepOutput,
+    Trainer,
+    add_common_args,
+    build_pretraining_loader,
+    parse_with_presets,
+)
 from densecontrast.heads import pixpro_heads
 from densecontrast.losses.global_losses import negative_cosine
 from densecontrast.losses.pixcontrast import PixContrastLoss
@@ -111,23 +117,13 @@ def encode(encoder: nn.ModuleDict, view: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def apply_lr_scaling(args: argparse.Namespace, world_size: int) -> None:
-    """``--lr-scaling linear``: turn the per-256-images lr into the global-batch lr the trainer uses."""
-    if args.lr_scaling == "linear":
-        args.lr = scale_lr(args.lr, args.batch_size * world_size)
-        args.lr_scaling = "none"  # applied once (the saved args hold the effective lr)
-
 
 def main(args: argparse.Namespace) -> None:
-    if args.preset == "paper":
-        for k, v in PAPER.items():
-            setattr(args, k, v)
     args.output_dir = args.output_dir or "runs/pixpro"
     dist_info = init_distributed(device=args.device)
     seed_everything(args.seed, dist_info.rank)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
-    apply_lr_scaling(args, dist_info.world_size)
     if args.loss == "pixpro":
         print("note: the PixPro loss lies in [-4, 4] (two directions of -2 x mean cosine); negative values are "
               "normal, it usually settles around -2 to -3")
@@ -138,7 +134,7 @@ def main(args: argparse.Namespace) -> None:
     instance = args.instance_weight > 0
     online = PixProOnline(args, use_ppm=args.loss == "pixpro", instance=instance)
     if args.sync_bn:
-        online = convert_sync_batchnorm(online, dist_info.distributed)
+        online = convert_sync_batchnorm(online)
     target = MomentumEncoder(online.encoder, CosineMomentum(1, base=args.momentum_base), buffers="none")
     trainer = Trainer(args, online, {"target": target}, dist_info, loader, dataset, sampler)
     target.schedule = CosineMomentum(trainer.total_steps, base=args.momentum_base)
@@ -188,4 +184,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_with_presets(get_args_parser(), {"paper": PAPER}))

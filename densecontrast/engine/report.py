@@ -158,6 +158,6 @@ def _pictures(
         m = nearest_coordinate_match(g1, g2, tuple(f1.shape[-2:]), tuple(f2.shape[-2:]))
     else:
         m = match_fn(f1, f2, g1, g2)
-    fig = plot_matches(views[0], views[1], m, query_shape=tuple(f1.shape[-2:]), key_shape=tuple(f2.shape[-2:]),
+    fig = plot_matches(views[0], views[1], m, query_shape=tuple(f1.shape[-2:]),
                        save=out_dir / "matches.png")
     plt.close(fig)

@@ -59,7 +59,7 @@ _MAX_DIMS = 8
 def is_distributed() -> bool:
     """Whether a default process group is initialized (``torch.distributed`` is usable).
 
-    Example:
+    Examples:
         >>> is_distributed()  # no process group in a plain Python session
         False
     """
@@ -69,7 +69,7 @@ def is_distributed() -> bool:
 def world_size(group: dist.ProcessGroup | None = None) -> int:
     """Number of ranks in ``group`` (the default group when ``None``); ``1`` without a process group.
 
-    Example:
+    Examples:
         >>> world_size()
         1
     """
@@ -79,7 +79,7 @@ def world_size(group: dist.ProcessGroup | None = None) -> int:
 def rank(group: dist.ProcessGroup | None = None) -> int:
     """Rank of this process in ``group``; ``0`` without a process group.
 
-    Example:
+    Examples:
         >>> rank()
         0
     """
@@ -163,7 +163,7 @@ def all_gather(x: Tensor, grad: bool = False, group: dist.ProcessGroup | None = 
         ``(sum_r n_r, *)`` tensor with ``x``'s dtype and device. Without a process group: ``x``
         itself (``grad=True``) or ``x.detach()`` (``grad=False``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.randn(3, 4, requires_grad=True)
         >>> y = all_gather(x, grad=True)  # single process: identity, gradient flows
@@ -189,7 +189,7 @@ def all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
 
     Use it for metrics and normalisers, not for values that must carry a gradient.
 
-    Example:
+    Examples:
         >>> import torch
         >>> all_reduce_sum(torch.tensor([1.0, 2.0]))
         tensor([1., 2.])
@@ -203,7 +203,7 @@ def all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
 def all_reduce_mean(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """Mean of ``x`` over ranks, detached (for logging a loss or an accuracy). Identity copy without a group.
 
-    Example:
+    Examples:
         >>> import torch
         >>> all_reduce_mean(torch.tensor(3.0))
         tensor(3.)
@@ -239,7 +239,7 @@ def global_weighted_mean(
     Returns:
         A scalar tensor (dtype of ``weighted_sum``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> l = torch.tensor([1.0, 3.0], requires_grad=True); w = torch.tensor([1.0, 0.5])
         >>> global_weighted_mean((w * l).sum(), w.sum())  # one process: the plain weighted mean
@@ -252,7 +252,7 @@ def global_weighted_mean(
 def broadcast_(x: Tensor, src: int = 0, group: dist.ProcessGroup | None = None) -> Tensor:
     """Overwrite ``x`` in place with rank ``src``'s values (no-op without a process group); returns ``x``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> broadcast_(torch.ones(2))
         tensor([1., 1.])
@@ -271,7 +271,7 @@ def unwrap_model(module: nn.Module) -> nn.Module:
     look-alike) and, for compiled modules, by the ``_orig_mod`` attribute. Wrappers nested in any
     order are removed. Any other module is returned as is.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = torch.nn.Linear(2, 2)
         >>> unwrap_model(torch.nn.DataParallel(net)) is net

@@ -77,7 +77,7 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float, buffers: 
     Raises:
         ValueError: ``momentum`` outside ``[0, 1]``, unknown ``buffers``, or mismatched names/shapes.
 
-    Example:
+    Examples:
         >>> import torch
         >>> online, target = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
         >>> ema_update_(target, online, momentum=0.0)  # m = 0 copies
@@ -143,7 +143,7 @@ class EMA(nn.Module):
             once the total number of steps is known.
         step_count: long scalar buffer, the ``t`` of the next update (see :attr:`step`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from densecontrast.schedules import CosineMomentum
         >>> net = torch.nn.Linear(4, 2)
@@ -204,7 +204,7 @@ class EMA(nn.Module):
     def momentum_at(self, step: int) -> float:
         """The momentum ``m`` an update at 0-based ``step`` uses (0 before ``update_after_step``).
 
-        Example:
+        Examples:
             >>> import torch
             >>> EMA(torch.nn.Linear(1, 1), 0.9, update_after_step=2).momentum_at(1)
             0.0
@@ -233,7 +233,7 @@ class EMA(nn.Module):
         Returns:
             The momentum ``m_t`` used.
 
-        Example:
+        Examples:
             >>> import torch
             >>> net = torch.nn.Linear(2, 2)
             >>> ema = EMA(net, momentum=0.5)
@@ -273,7 +273,7 @@ class MomentumEncoder(EMA):
             loss = ...; loss.backward(); optimizer.step()
             # ... or call target.update(step) here instead (update-after-step, PixCon)
 
-    Example:
+    Examples:
         >>> import torch
         >>> enc = torch.nn.Conv2d(3, 8, 1)
         >>> target = MomentumEncoder(enc, 0.999)

@@ -58,7 +58,7 @@ class ViewGeometry:
         ``x = x0n + (x1n - x0n) * (1 - u if flip else u)``, ``y = y0n + (y1n - y0n) * v``
         with ``x0n = x0 / W`` etc.
 
-    Example:
+    Examples:
         >>> import torch
         >>> g = ViewGeometry.from_crops(
         ...     boxes=torch.tensor([[10.0, 20.0, 110.0, 70.0]]),
@@ -102,7 +102,7 @@ class ViewGeometry:
             ValueError: wrong shapes, non-finite values, ``x1 <= x0`` or ``y1 <= y0``, a box
                 outside the image by more than ``tolerance`` pixels, or a non-positive size.
 
-        Example:
+        Examples:
             >>> g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 64.0, 32.0]]),
             ...                             torch.tensor([False]), torch.tensor([64.0, 32.0]))
             >>> g.affine
@@ -164,7 +164,7 @@ class ViewGeometry:
         Returns:
             The equivalent geometry, with the crop box ``[j, i, j + w, i + h]``.
 
-        Example:
+        Examples:
             >>> g = ViewGeometry.from_pixpro(torch.tensor([[0.5, 0.0, 0.0, 1.0]]), torch.tensor([101.0, 11.0]))
             >>> g.boxes, g.flips
             (tensor([[ 0.,  0., 51., 11.]]), tensor([True]))
@@ -189,7 +189,7 @@ class ViewGeometry:
             ``(B, 4)`` ``(x0, y0, x1, y1)`` normalized by ``(W - 1, H - 1)`` with inclusive pixel
             ends, x swapped for flipped views.
 
-        Example:
+        Examples:
             >>> g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 51.0, 11.0]]),
             ...                             torch.tensor([True]), torch.tensor([101.0, 11.0]))
             >>> g.to_pixpro()
@@ -217,7 +217,7 @@ class ViewGeometry:
     def to(self, *args: object, **kwargs: object) -> ViewGeometry:
         """Move to a device and/or cast the float fields (flips stay bool), like ``Tensor.to``.
 
-        Example:
+        Examples:
             >>> g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 4.0, 4.0]]), None, torch.tensor([8.0, 8.0]))
             >>> g.to(torch.float64).affine.dtype
             torch.float64
@@ -243,7 +243,7 @@ class ViewGeometry:
     def cat(cls, geometries: Sequence[ViewGeometry]) -> ViewGeometry:
         """Concatenate along the batch dimension.
 
-        Example:
+        Examples:
             >>> g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 4.0, 4.0]]), None, torch.tensor([8.0, 8.0]))
             >>> len(ViewGeometry.cat([g, g, g]))
             3
@@ -304,7 +304,7 @@ class ViewGeometry:
         Returns:
             ``(B, N, 2)`` image-space ``(x, y)``, in the dtype of ``points`` promoted with the geometry.
 
-        Example:
+        Examples:
             >>> g = ViewGeometry.from_crops(torch.tensor([[50.0, 0.0, 100.0, 100.0]]), None,
             ...                             torch.tensor([100.0, 100.0]))
             >>> g.to_image(torch.tensor([[[0.0, 0.0], [1.0, 1.0]]]))
@@ -324,7 +324,7 @@ class ViewGeometry:
         Returns:
             ``(B, N, 2)`` view-space ``(x, y)``; points outside the view fall outside ``[0, 1]``.
 
-        Example:
+        Examples:
             >>> g = ViewGeometry.from_crops(torch.tensor([[50.0, 0.0, 100.0, 100.0]]), None,
             ...                             torch.tensor([100.0, 100.0]))
             >>> g.to_view(torch.tensor([[[0.25, 0.5]]]))
@@ -338,7 +338,7 @@ class ViewGeometry:
     def view_grid(h: int, w: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """``(h*w, 2)`` view-space cell centers ``((j + 0.5) / w, (i + 0.5) / h)``, row-major.
 
-        Example:
+        Examples:
             >>> ViewGeometry.view_grid(1, 2)
             tensor([[0.2500, 0.5000],
                     [0.7500, 0.5000]])
@@ -361,7 +361,7 @@ class ViewGeometry:
         Returns:
             ``(B, h*w, 2)`` image-space ``(x, y)``, row-major (index ``i * w + j``).
 
-        Example:
+        Examples:
             >>> g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 10.0, 10.0]]), None,
             ...                             torch.tensor([10.0, 10.0]))
             >>> g.grid(2, 2)
@@ -382,7 +382,7 @@ class ViewGeometry:
         Returns:
             ``(B, N)`` bool.
 
-        Example:
+        Examples:
             >>> g = ViewGeometry.from_crops(torch.tensor([[50.0, 0.0, 100.0, 100.0]]), None,
             ...                             torch.tensor([100.0, 100.0]))
             >>> g.contains(torch.tensor([[[0.25, 0.5], [0.75, 0.5]]]))
@@ -406,7 +406,7 @@ class ViewGeometry:
         Returns:
             ``(B, 2)`` cell ``(width, height)``.
 
-        Example:
+        Examples:
             >>> g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 50.0, 100.0]]), torch.tensor([True]),
             ...                             torch.tensor([100.0, 100.0]))
             >>> g.cell_size(7, 5)
@@ -431,7 +431,7 @@ class ViewGeometry:
         Returns:
             ``(B, N, 2)`` ``(u, v)`` = (column, row) coordinates.
 
-        Example:
+        Examples:
             >>> g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([True]),
             ...                             torch.tensor([10.0, 10.0]))
             >>> g.to_cells(g.grid(2, 3), 2, 3).round(decimals=4) + 0.0  # flipped: column 0 comes from the right
@@ -459,7 +459,7 @@ class ViewGeometry:
             ``(B,)`` its area in image-space units (fraction of the image area). Disjoint views
             give a zero-area box (``x1 == x0`` or ``y1 == y0``), never an inverted one, and area 0.
 
-        Example:
+        Examples:
             >>> size = torch.tensor([100.0, 100.0])
             >>> a = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 60.0, 60.0]]), None, size)
             >>> b = ViewGeometry.from_crops(torch.tensor([[40.0, 50.0, 100.0, 100.0]]), None, size)
@@ -507,7 +507,7 @@ def in_box_mask(
     Returns:
         ``(B, h*w)`` bool, row-major over the query grid.
 
-    Example:
+    Examples:
         >>> size = torch.tensor([70.0, 70.0])
         >>> q = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 70.0, 70.0]]), None, size)
         >>> k = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 66.0, 70.0]]), None, size)

@@ -94,7 +94,7 @@ class ProjectionMLP(nn.Module):
     Shapes:
         ``(B, in_dim)`` -> ``(B, out_dim)``.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> head = ProjectionMLP(512, 1024, 128)
         >>> head(torch.randn(4, 512)).shape
@@ -124,7 +124,7 @@ class ProjectionMLP(nn.Module):
 class Predictor(ProjectionMLP):
     """Predictor MLP (BYOL / SimSiam / PixCon): same layout as :class:`ProjectionMLP`.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> Predictor(128, 2048, 128)(torch.randn(4, 128)).shape
         torch.Size([4, 128])
@@ -144,7 +144,7 @@ class DenseProjection(nn.Module):
     Shapes:
         ``(B, in_dim, h, w)`` -> ``(B, out_dim, h, w)``.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> head = DenseProjection(512, 1024, 128)
         >>> head(torch.randn(2, 512, 7, 7)).shape
@@ -182,7 +182,7 @@ class DensePredictor(nn.Module):
     Shapes:
         ``(B, in_dim, h, w)`` -> ``(B, out_dim, h, w)``.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> pred = DensePredictor(128, 512, 128)
         >>> pred(torch.randn(2, 128, 7, 7)).shape
@@ -216,7 +216,7 @@ def pixel_propagation(x: Tensor, gx: Tensor, gamma: float = 2.0) -> Tensor:
         ``sum_j s_ij``. The ``(N, N)`` similarity (``N = h * w``) and the propagation are computed
         in float32, also under autocast.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([[[[1.0, -1.0]]]])  # (1, 1, 1, 2): two opposite pixels
         >>> pixel_propagation(x, torch.tensor([[[[1.0, 2.0]]]]))  # negative cosine clamps to 0
         tensor([[[[1., 2.]]]])
@@ -258,7 +258,7 @@ class PixelPropagation(nn.Module):
         ``(B, D, h, w)`` -> ``(B, D, h, w)`` float32 (float64 for float64 input); the similarity
         and the sum run in float32, also under autocast.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> ppm = PixelPropagation(256)
         >>> ppm(torch.randn(2, 256, 7, 7)).shape
@@ -310,7 +310,7 @@ def pixcon_heads(
         (128 -> 2048 -> 128 on the flattened pixel matrix). The momentum target copies the
         projectors only (no predictors).
 
-    Example:
+    Examples:
         >>> heads = pixcon_heads(in_dim=512)
         >>> sorted(heads.keys())
         ['dense_predictor', 'dense_projector', 'predictor', 'projector']
@@ -338,7 +338,7 @@ def densecl_heads(in_dim: int = 2048, hidden_dim: int = 2048, out_dim: int = 128
         ``ModuleDict`` with ``projector`` (C -> 2048 -> 128) and ``dense_projector``
         (C -> 2048 -> 128, 1x1 conv).
 
-    Example:
+    Examples:
         >>> heads = densecl_heads(in_dim=512)
         >>> proj = heads["dense_projector"]
         >>> proj(torch.zeros(1, 512, 7, 7)).shape
@@ -375,7 +375,7 @@ def pixpro_heads(
         ``ModuleDict`` with ``dense_projector`` and ``ppm`` (plus the instance heads). The
         momentum target copies ``dense_projector`` (and ``instance_projector``).
 
-    Example:
+    Examples:
         >>> heads = pixpro_heads(in_dim=512, hidden_dim=1024)
         >>> proj, ppm = heads["dense_projector"], heads["ppm"]
         >>> ppm(proj(torch.randn(2, 512, 7, 7))).shape
@@ -412,7 +412,7 @@ def lc_heads(
         ``dense_projector`` (C -> 2048 -> 256, Conv-BN-ReLU-Conv; the paper does not name the
         nonlinearity, a ReLU is assumed).
 
-    Example:
+    Examples:
         >>> heads = lc_heads(in_dim=512, hidden_dim=1024, dense_hidden_dim=512)
         >>> proj = heads["dense_projector"]
         >>> proj(torch.randn(2, 512, 7, 7)).shape
@@ -453,7 +453,7 @@ def densesiam_heads(
         ``ModuleDict`` with ``projector``, ``predictor``, ``dense_projector``, ``dense_predictor``
         (plus the region heads). No momentum target (SimSiam uses stop-gradient).
 
-    Example:
+    Examples:
         >>> heads = densesiam_heads(in_dim=512, hidden_dim=256, out_dim=256, pred_hidden_dim=64, num_regions=4)
         >>> region_logits = heads["region_logits"]
         >>> region_logits(torch.randn(2, 512, 7, 7)).shape

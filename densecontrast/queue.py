@@ -60,7 +60,7 @@ class MomentumQueue(nn.Module):
         generator: a ``torch.Generator`` for the initial keys; takes precedence over ``seed``.
         dtype: dtype of the stored keys (keys are cast on enqueue; default float32).
 
-    Example:
+    Examples:
         >>> import torch
         >>> q = MomentumQueue(dim=4, size=6)
         >>> neg = q.negatives()  # read BEFORE enqueueing the current keys
@@ -113,7 +113,7 @@ class MomentumQueue(nn.Module):
 
         Read it before enqueueing the current batch so its keys are not among the negatives.
 
-        Example:
+        Examples:
             >>> q = MomentumQueue(dim=3, size=5)
             >>> q.negatives().shape
             torch.Size([5, 3])
@@ -139,7 +139,7 @@ class MomentumQueue(nn.Module):
         Raises:
             ValueError: ``keys`` is not a ``(B, dim)`` floating-point tensor.
 
-        Example:
+        Examples:
             >>> import torch
             >>> q = MomentumQueue(dim=2, size=3, normalize=False)
             >>> q.enqueue(torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]]))
@@ -171,7 +171,7 @@ class MomentumQueue(nn.Module):
     def broadcast_(self, src: int = 0) -> MomentumQueue:
         """Copy rank ``src``'s keys and pointer to every rank (collective; no-op without a process group).
 
-        Example:
+        Examples:
             >>> MomentumQueue(dim=2, size=4, seed=None).broadcast_().queue.shape
             torch.Size([4, 2])
         """

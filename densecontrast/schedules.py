@@ -48,7 +48,7 @@ def cosine_momentum(step: int, total_steps: int, base: float = 0.99, final: floa
     Returns:
         The momentum ``m_t`` (float).
 
-    Example:
+    Examples:
         >>> cosine_momentum(0, 100), cosine_momentum(50, 100), cosine_momentum(100, 100)
         (0.99, 0.995, 1.0)
     """
@@ -70,7 +70,7 @@ class CosineMomentum:
         base: momentum at step 0.
         final: momentum from step ``T`` on.
 
-    Example:
+    Examples:
         >>> sched = CosineMomentum(total_steps=10, base=0.99)
         >>> sched(0), sched(10)
         (0.99, 1.0)
@@ -91,7 +91,7 @@ class CosineMomentum:
 def constant_momentum(m: float) -> Callable[[int], float]:
     """A schedule returning ``m`` at every step (MoCo/DenseCL: 0.999).
 
-    Example:
+    Examples:
         >>> constant_momentum(0.999)(12345)
         0.999
     """
@@ -134,7 +134,7 @@ def warmup_cosine_lr(
         The learning rate (float). For ``torch.optim.lr_scheduler.LambdaLR`` pass ``base_lr=1``
         and ``final_lr=final / base`` to get the multiplicative factor.
 
-    Example:
+    Examples:
         >>> tuple(round(warmup_cosine_lr(t, 10, 2, 1.0, warmup_start_ratio=0.0), 3) for t in (0, 1, 2, 6, 10))
         (0.0, 0.5, 1.0, 0.5, 0.0)
     """

@@ -55,7 +55,7 @@ def to_display(image: Tensor, unnormalize: bool = False) -> Tensor:
         image: ``uint8`` or float view (a leading batch dimension of 1 is dropped).
         unnormalize: undo the ImageNet ``Normalize`` first.
 
-    Example:
+    Examples:
         >>> to_display(torch.zeros(3, 4, 5), unnormalize=True)[0, 0]
         tensor([0.4850, 0.4560, 0.4060])
     """
@@ -126,7 +126,7 @@ def plot_matches(
     Returns:
         The figure.
 
-    Example:
+    Examples:
         >>> from densecontrast.matching import Matches
         >>> m = Matches(valid=torch.ones(1, 4, dtype=torch.bool), weight=torch.rand(1, 4),
         ...             key_index=torch.tensor([[1, 0, 3, 2]]), key_shape=(2, 2))
@@ -238,7 +238,7 @@ def plot_weights(
     Returns:
         The figure (view on the left, view + heat map with a colour bar on the right).
 
-    Example:
+    Examples:
         >>> fig = plot_weights(torch.rand(3, 32, 48), torch.rand(4, 6))
         >>> len(fig.axes)  # two images and the colour bar
         3
@@ -297,7 +297,7 @@ def plot_attention(
     Returns:
         The figure: the image with the points, then one similarity map per point (range ``[-1, 1]``).
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> fig = plot_attention(nn.Conv2d(3, 8, 4, stride=4), torch.rand(3, 32, 32), [[0.25, 0.5], [0.75, 0.5]])
         >>> len(fig.axes)
@@ -391,7 +391,7 @@ def plot_training(
     Returns:
         The figure, one subplot per key.
 
-    Example:
+    Examples:
         >>> fig = plot_training([{"step": s, "loss": 1.0 / (s + 1), "lr": 0.1} for s in range(10)])
         >>> len(fig.axes), fig.axes[0].get_title(), fig.axes[1].get_title()
         (2, 'loss', 'lr')

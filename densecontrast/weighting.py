@@ -79,7 +79,7 @@ def semantic_reweighting(
     Raises:
         ValueError: bad shapes or dtypes, or an unknown ``mode`` / ``degenerate``.
 
-    Example:
+    Examples:
         >>> s = torch.tensor([[0.9, 0.2, 0.6, 0.4]])
         >>> in_box = torch.tensor([[True, True, False, False]])
         >>> semantic_reweighting(s, in_box)  # out-of-box: ((0.6-0.2)/(0.6-0.2))^2, ((0.4-0.2)/0.4)^2
@@ -137,7 +137,7 @@ class SemanticReweighting(nn.Module):
         degenerate: out-of-box weight for degenerate images: ``"one"`` or ``"zero"``.
         eps: denominator guard.
 
-    Example:
+    Examples:
         >>> from densecontrast.matching import similarity_match
         >>> size = torch.tensor([64.0, 64.0])
         >>> q = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 64.0, 64.0]]), None, size)

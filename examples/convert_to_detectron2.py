@@ -35,7 +35,7 @@ _LAYER = re.compile(r"^layer(\d)\.(\d+)\.(.+)$")
 def detectron2_name(name: str) -> str | None:
     """Detectron2 name of a torchvision ResNet parameter or buffer (None: not part of the backbone).
 
-    Example:
+    Examples:
         >>> detectron2_name("bn1.running_mean"), detectron2_name("layer3.1.downsample.1.bias")
         ('stem.conv1.norm.running_mean', 'res4.1.shortcut.norm.bias')
     """

@@ -52,7 +52,7 @@ class ImageDataset(Dataset):
         FileNotFoundError: ``root`` does not exist or is not a directory.
         ValueError: no file with one of ``extensions`` is found under ``root``.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> from PIL import Image
         >>> d = tempfile.mkdtemp()
@@ -153,7 +153,7 @@ class ImageDataset(Dataset):
         Returns:
             Sorted paths of the unreadable files found.
 
-        Example:
+        Examples:
             >>> import tempfile, os
             >>> from PIL import Image
             >>> d = tempfile.mkdtemp()
@@ -186,7 +186,7 @@ class ImageDataset(Dataset):
     def merge_reports(reports: Iterable[dict[str, str]]) -> dict[str, str]:
         """Union of several :meth:`skip_report` dicts (e.g. one per DataLoader worker).
 
-        Example:
+        Examples:
             >>> ImageDataset.merge_reports([{"a.jpg": "OSError"}, {"a.jpg": "OSError", "b.jpg": "OSError"}])
             {'a.jpg': 'OSError', 'b.jpg': 'OSError'}
         """

@@ -34,7 +34,7 @@ class MultiViewDataset(Dataset):
         ``(C, h, w)`` tensors, ``geometries`` a list of ``V`` one-view
         :class:`~densecontrast.geometry.ViewGeometry`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch.utils.data import DataLoader
         >>> from densecontrast.data.synthetic import SyntheticScenes

@@ -88,7 +88,7 @@ def render_scene(
     Returns:
         ``(image, mask)``: ``(3, S, S)`` uint8 RGB and ``(S, S)`` int64 labels in ``[0, num_classes]``.
 
-    Example:
+    Examples:
         >>> image, mask = render_scene(torch.Generator().manual_seed(0), image_size=32)
         >>> image.shape, image.dtype, mask.shape, int(mask.max()) <= 8
         (torch.Size([3, 32, 32]), torch.uint8, torch.Size([32, 32]), True)
@@ -213,7 +213,7 @@ class SyntheticScenes(Dataset):
         ``image`` ``(3, S, S)`` uint8 RGB tensor (or PIL image), and with ``return_mask`` the
         ``(S, S)`` int64 mask.
 
-    Example:
+    Examples:
         >>> ds = SyntheticScenes(num_images=10, image_size=64, seed=0)
         >>> image, mask = ds[3]
         >>> image.shape, image.dtype, mask.shape, mask.dtype
@@ -267,7 +267,7 @@ class SyntheticScenes(Dataset):
     def class_info(self) -> list[dict[str, object]]:
         """The identity of each class: shape family, texture, hue, frequency and orientation.
 
-        Example:
+        Examples:
             >>> first = SyntheticScenes(num_images=1, num_classes=2).class_info[0]
             >>> first.get("shape")
             'ellipse'

@@ -45,7 +45,7 @@ def true_cell_agreement(
     Returns:
         A float in ``[0, 1]``; 0.0 when no query lies in the key view.
 
-    Example:
+    Examples:
         >>> size = torch.tensor([8.0, 8.0])
         >>> g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 8.0, 8.0]]), None, size)
         >>> m = Matches(valid=torch.ones(1, 4, dtype=torch.bool), weight=torch.ones(1, 4),

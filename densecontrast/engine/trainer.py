@@ -63,7 +63,7 @@ __all__ = [
 def add_common_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:
     """Add the arguments every reference script shares; ``defaults`` override the defaults per method.
 
-    Example:
+    Examples:
         >>> p = add_common_args(argparse.ArgumentParser(), lr=0.1)
         >>> a = p.parse_args(["--max-steps", "5"])
         >>> a.lr, a.max_steps, a.batch_size
@@ -111,7 +111,7 @@ def parse_with_presets(
 ) -> argparse.Namespace:
     """Parse ``argv``; the values of ``--preset NAME`` become defaults, so explicit flags still win.
 
-    Example:
+    Examples:
         >>> p = add_common_args(argparse.ArgumentParser())
         >>> _ = p.add_argument("--preset", default="demo")
         >>> a = parse_with_presets(p, {"paper": {"lr": 0.4, "amp": "fp16"}}, ["--preset", "paper", "--amp", "bf16"])
@@ -143,7 +143,7 @@ class SeededViews(Dataset):
     function of ``(seed, epoch, index)``, independent of workers, batch composition and resumption.
     Call :meth:`set_epoch` before creating each epoch's iterator.
 
-    Example:
+    Examples:
         >>> ds = SeededViews([0, 1, 2], seed=1)
         >>> ds[0] == ds[0], len(ds)
         (True, 3)
@@ -181,7 +181,7 @@ class ShardedSampler(Sampler[int]):
         world_size: number of processes.
         seed: shuffle seed (the permutation of epoch ``e`` uses ``seed + e``).
 
-    Example:
+    Examples:
         >>> s = ShardedSampler(10, batch_size=2, rank=1, world_size=2, seed=0)
         >>> len(s), len(list(iter(s)))
         (4, 4)

@@ -81,7 +81,7 @@ def extract_backbone_state(obj: Any) -> tuple[dict[str, Tensor], str | None]:
     Raises:
         ValueError: no backbone keys found.
 
-    Example:
+    Examples:
         >>> sd = {"model": {"encoder.backbone.conv1.weight": torch.zeros(1),
         ...                 "target.backbone.conv1.weight": torch.ones(1)}}
         >>> extract_backbone_state(sd)
@@ -120,7 +120,7 @@ def extract_backbone_state(obj: Any) -> tuple[dict[str, Tensor], str | None]:
 def infer_arch(state_dict: Mapping[str, Tensor]) -> str:
     """Name the torchvision ResNet (or ``"tiny"``) that a backbone state dict belongs to.
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> with torch.device("meta"):
         ...     sd = torchvision.models.resnet50().state_dict()
@@ -178,7 +178,7 @@ def load_backbone(
     Raises:
         ValueError: no backbone keys, an unknown architecture, or keys/shapes that do not match.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> from densecontrast.engine import build_backbone, export_backbone
         >>> p = os.path.join(tempfile.mkdtemp(), "backbone.pth")

@@ -140,7 +140,7 @@ def extract_features(backbone: Backbone, x: Tensor, normalize: bool = True) -> T
     A backbone returning a tuple/list uses its last element; a dict uses ``"out"`` (torchvision
     ``IntermediateLayerGetter`` style) or its last value.
 
-    Example:
+    Examples:
         >>> extract_features(nn.Conv2d(3, 5, 4, stride=4), torch.rand(2, 3, 16, 16)).shape
         torch.Size([2, 5, 4, 4])
     """
@@ -196,7 +196,7 @@ def color_augment(
     Returns:
         ``(B, 3, H, W)`` float in ``[0, 1]``.
 
-    Example:
+    Examples:
         >>> out = color_augment(torch.rand(2, 3, 8, 8), torch.Generator().manual_seed(0))
         >>> out.shape, bool((out >= 0).all() and (out <= 1).all())
         (torch.Size([2, 3, 8, 8]), True)
@@ -247,7 +247,7 @@ def random_crops(
     Returns:
         ``B`` views; boxes lie inside the image.
 
-    Example:
+    Examples:
         >>> g = random_crops((32, 48), 4, torch.Generator().manual_seed(0))
         >>> len(g), bool((g.boxes[:, 2] <= 48).all() and (g.boxes[:, 3] <= 32).all())
         (4, True)
@@ -271,7 +271,7 @@ def render_views(images: Tensor, geometry: ViewGeometry, size: tuple[int, int]) 
     View pixel centers are sampled bilinearly at their image points (``ViewGeometry.grid``), so
     the views agree with the geometry to floating point.
 
-    Example:
+    Examples:
         >>> img = torch.rand(1, 3, 4, 6)
         >>> g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 6.0, 4.0]]), torch.tensor([True]),
         ...                             torch.tensor([6.0, 4.0]))
@@ -310,7 +310,7 @@ def match_correctness(
         ``"exact"`` / ``"within_one"`` bool (and valid), ``"distance"`` float Chebyshev distance
         in key cells (0 where invalid).
 
-    Example:
+    Examples:
         >>> size = torch.tensor([8.0, 8.0])
         >>> q = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 8.0, 8.0]]), None, size)
         >>> k = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 8.0, 8.0]]), torch.tensor([True]), size)
@@ -407,7 +407,7 @@ def correspondence_accuracy(
         "chance_exact": float (1 / key cells), "feature_shape": (h, w), "mode": str}``.
         With zero valid queries the accuracies are 0.0 (never NaN).
 
-    Example:
+    Examples:
         >>> backbone = nn.Conv2d(3, 8, kernel_size=8, stride=8)
         >>> images = torch.rand(4, 3, 32, 32)
         >>> out = correspondence_accuracy(backbone, images, generator=torch.Generator().manual_seed(0))

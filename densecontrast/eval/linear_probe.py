@@ -56,7 +56,7 @@ def extract_dense_features(
     Returns:
         ``(features (N, C, h, w) float32, masks (N, H, W) int64)`` on the CPU.
 
-    Example:
+    Examples:
         >>> from densecontrast.data.synthetic import SyntheticScenes
         >>> f, m = extract_dense_features(nn.Conv2d(3, 4, 8, stride=8), SyntheticScenes(3, 32))
         >>> tuple(f.shape), tuple(m.shape)
@@ -96,7 +96,7 @@ def segmentation_metrics(
         "confusion": (K, K) long tensor [true, predicted]}``. A class absent from both the
         targets and the predictions has IoU ``None`` and is left out of the mean.
 
-    Example:
+    Examples:
         >>> out = segmentation_metrics(torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 0]), 3)
         >>> round(out["miou"], 4), out["pixel_accuracy"], out["per_class_iou"]
         (0.5833, 0.75, [0.6666666666666666, 0.5, None])
@@ -168,7 +168,7 @@ def dense_linear_probe(
         "train_miou", "feature_shape" (h, w), "num_train", "num_val"}`` (see
         :func:`segmentation_metrics`).
 
-    Example:
+    Examples:
         >>> from densecontrast.data.synthetic import SyntheticScenes
         >>> backbone = nn.Conv2d(3, 8, 4, stride=4)
         >>> out = dense_linear_probe(backbone, SyntheticScenes(8, 32, seed=0), SyntheticScenes(4, 32, seed=1),

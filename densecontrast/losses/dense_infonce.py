@@ -57,7 +57,7 @@ def default_chunk_size(num_negatives: int, bytes_per_element: int = 4, budget: i
     Returns:
         ``max(1, budget // (bytes_per_element * max(K, 1)))``.
 
-    Example:
+    Examples:
         >>> default_chunk_size(65536)
         256
     """
@@ -157,7 +157,7 @@ def dense_info_nce(
     Returns:
         ``(P,)`` losses in float32 (float64 if any input is float64), autocast disabled inside.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn.functional as F
         >>> g = torch.Generator().manual_seed(0)
         >>> q = F.normalize(torch.randn(10, 8, generator=g), dim=1).requires_grad_()
@@ -191,7 +191,7 @@ def dense_info_nce(
 def dense_queries(x: Tensor, name: str = "query") -> Tensor:
     """Flatten a dense map ``(B, D, h, w)`` to ``(B, h*w, D)`` (row-major cells); ``(B, N, D)`` passes through.
 
-    Example:
+    Examples:
         >>> dense_queries(torch.zeros(2, 16, 3, 4)).shape
         torch.Size([2, 12, 16])
     """
@@ -206,7 +206,7 @@ def dense_queries(x: Tensor, name: str = "query") -> Tensor:
 def dense_keys(x: Tensor, name: str = "key") -> Tensor:
     """Check a key map ``(B, D, h_k, w_k)`` or key set ``(B, M, D)``; returned unchanged.
 
-    Example:
+    Examples:
         >>> dense_keys(torch.zeros(2, 5, 8)).shape
         torch.Size([2, 5, 8])
     """
@@ -247,7 +247,7 @@ class DenseInfoNCE(nn.Module):
             ``"none"`` (``(B, N)`` of ``w * L``).
         chunk_size: query rows per chunk (default: ~64 MiB of float32 logits per chunk).
 
-    Example:
+    Examples:
         >>> import torch, torch.nn.functional as F
         >>> from densecontrast.matching import Matches
         >>> g = torch.Generator().manual_seed(0)

@@ -66,7 +66,7 @@ def dense_simsiam_loss(
         Float32 scalar in ``[-1, 1]`` for ``"mean"``; exactly 0 with a gradient when no point is
         valid.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> z = torch.randn(2, 49, 16)
         >>> round(dense_simsiam_loss(z, z, z, z).item(), 4)  # identical predictions: -1
@@ -102,7 +102,7 @@ class DenseSimSiamLoss(nn.Module):
     Note:
         Never pair this loss with a similarity (argmax) matcher: without negatives it collapses.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> p1, p2 = torch.randn(2, 49, 16, requires_grad=True), torch.randn(2, 49, 16, requires_grad=True)
         >>> z1, z2 = torch.randn(2, 49, 16, requires_grad=True), torch.randn(2, 49, 16, requires_grad=True)
@@ -134,7 +134,7 @@ def region_embeddings(mask_logits: Tensor, features: Tensor) -> Tensor:
         ``(B, K, C)`` float32 region embeddings, an **unnormalized** weighted sum (not divided by
         the mask mass, as in DenseSiam).
 
-    Example:
+    Examples:
         >>> logits = torch.zeros(1, 2, 2, 2)  # two regions, uniform masks: every weight is 0.5
         >>> region_embeddings(logits, torch.ones(1, 3, 2, 2))
         tensor([[[2., 2., 2.],
@@ -178,7 +178,7 @@ def region_sim_loss(
         Float32 scalar ``-0.5 [mean_k log_softmax(M12)_kk + mean_k log_softmax(M21)_kk]``, where
         the softmax runs over the ``K`` regions of view 2 (row-wise).
 
-    Example:
+    Examples:
         >>> z = torch.eye(4)[None]  # (1, 4, 4): four orthogonal regions
         >>> region_sim_loss(z, z, z, z, temperature=0.1).item() < 1e-3
         True
@@ -215,7 +215,7 @@ class RegionSimLoss(nn.Module):
     Shapes:
         p1, z2, p2, z1 ``(B, K, D)``; output float32 scalar. Computed in float32 under autocast.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> feats, logits = torch.randn(2, 32, 7, 7), torch.randn(2, 4, 7, 7)
         >>> r = region_embeddings(logits, feats)  # (2, 4, 32)

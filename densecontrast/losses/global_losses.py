@@ -49,7 +49,7 @@ def info_nce(
     Returns:
         ``(B,)`` float32 losses (float64 for float64 inputs).
 
-    Example:
+    Examples:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> info_nce(torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)).shape
@@ -82,7 +82,7 @@ class InfoNCE(nn.Module):
         temperature: ``tau > 0`` (0.2 in MoCo v2 / DenseCL / PixCon).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(B,)``).
 
-    Example:
+    Examples:
         >>> import torch, torch.nn.functional as F
         >>> g = torch.Generator().manual_seed(0)
         >>> q = torch.randn(4, 8, generator=g, requires_grad=True)
@@ -131,7 +131,7 @@ def byol_loss(prediction: Tensor, target: Tensor, weight: Tensor | None = None, 
     Returns:
         float32 scalar, or ``(B,)`` / ``(B, N)`` for ``"none"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
         >>> byol_loss(p, torch.tensor([[1.0, 0.0], [0.0, -1.0]])).item()
@@ -154,7 +154,7 @@ def negative_cosine(
         weight: optional ``(B,)`` / ``(B, N)`` weights or bool validity mask.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> negative_cosine(torch.ones(2, 3, 4), torch.ones(2, 3, 4)).item()
         -1.0
@@ -177,7 +177,7 @@ class BYOLLoss(nn.Module):
     Args:
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> p = torch.randn(2, 5, 8, generator=g, requires_grad=True)
@@ -205,7 +205,7 @@ class NegativeCosine(nn.Module):
     Args:
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss = NegativeCosine()(torch.ones(2, 4), -torch.ones(2, 4))
         >>> loss.item()

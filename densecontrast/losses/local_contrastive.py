@@ -63,7 +63,7 @@ def local_contrastive_loss(
         at ``g = (2 u + 1) / w_k - 1``, i.e. :func:`densecontrast.matching.sample_points`. Points
         of invalid queries are ignored (replaced by 0 before sampling).
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> q, k = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)
         >>> pts = torch.rand(2, 9, 2) * 2  # (u, v) in [0, 2]: inside the 3 x 3 key grid
@@ -127,7 +127,7 @@ class LocalContrastiveLoss(nn.Module):
         (colour-only view) is the EMA target, so pass ``query.detach()`` or produce it under
         ``torch.no_grad()``.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> loss_fn = LocalContrastiveLoss(temperature=0.1)
         >>> key = torch.randn(1, 8, 4, 4, requires_grad=True)

@@ -50,7 +50,7 @@ def pix_contrast(
         ``(loss (B, N), has_positive (B, N) bool)``; the loss is 0 (with a zero gradient) where a
         query has no positive. float32 (float64 for float64 inputs), autocast disabled inside.
 
-    Example:
+    Examples:
         >>> import torch
         >>> q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
         >>> mask = torch.tensor([[[True, True], [False, False]]])
@@ -104,7 +104,7 @@ class PixContrastLoss(nn.Module):
         temperature: ``tau > 0``; 0.3 is recalled from the PixPro paper (not verified in code).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(B, N)`` of ``w * L``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from densecontrast.matching import Matches
         >>> g = torch.Generator().manual_seed(0)

@@ -79,7 +79,7 @@ def pixpro_consistency_loss(
         Float32 scalar, or ``(B,)`` for ``reduction="none"``. Exactly 0 (with a gradient) when no
         image has a positive pair.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> y, x = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)
         >>> m = Matches(valid=torch.ones(2, 9, dtype=torch.bool), weight=torch.ones(2, 9),
@@ -150,7 +150,7 @@ class PixProConsistencyLoss(nn.Module):
         The range per direction is ``[-2, 2]`` and the loss is **negative in normal training**
         (the symmetric sum of both directions approaches -4).
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> loss_fn = PixProConsistencyLoss()
         >>> y = torch.randn(2, 16, 4, 4, requires_grad=True)

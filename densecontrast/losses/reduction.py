@@ -58,7 +58,7 @@ def weighted_mean(loss: Tensor, weight: Tensor | None = None, eps: float = 1e-6)
         exactly ``0`` and is still connected to the graph of ``loss`` (every contribution is a
         masked zero), so ``backward()`` works and produces zero gradients. Weights are expected to be non-negative.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
         >>> weighted_mean(loss, torch.tensor([[1.0, 0.0], [1.0, 0.0]])).item()
@@ -90,7 +90,7 @@ def reduce(loss: Tensor, weight: Tensor | None = None, reduction: str = "mean", 
         A float32 (float64 for a float64 ``loss``) scalar for ``"mean"``/``"sum"``, else a tensor
         shaped like ``loss``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss = torch.tensor([1.0, 2.0, 3.0])
         >>> reduce(loss, torch.tensor([1.0, 1.0, 0.0]), "sum").item()
@@ -110,7 +110,7 @@ def reduce(loss: Tensor, weight: Tensor | None = None, reduction: str = "mean", 
 def check_reduction(reduction: str) -> str:
     """Raise ``ValueError`` unless ``reduction`` is one of ``"mean"``, ``"sum"``, ``"none"``.
 
-    Example:
+    Examples:
         >>> check_reduction("mean")
         'mean'
     """
@@ -122,7 +122,7 @@ def check_reduction(reduction: str) -> str:
 def check_finite_positive(name: str, value: float) -> float:
     """Raise ``ValueError`` unless ``value`` is a finite number > 0 (e.g. a temperature).
 
-    Example:
+    Examples:
         >>> check_finite_positive("temperature", 0.2)
         0.2
     """
@@ -152,7 +152,7 @@ def check_shape(name: str, x: object, pattern: Sequence[str | int | None], *, fl
     Raises:
         ValueError: ``"<name> must have shape (B, N, D), but got (3, 4)"`` and similar.
 
-    Example:
+    Examples:
         >>> import torch
         >>> check_shape("query", torch.zeros(2, 5, 8), ("B", "N", "D")).shape
         torch.Size([2, 5, 8])

@@ -75,7 +75,7 @@ def center_distance(a: Tensor, b: Tensor) -> Tensor:
     Returns:
         ``(...)`` distances, in the units of the inputs.
 
-    Example:
+    Examples:
         >>> center_distance(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.3, 0.4]]))
         tensor([0.5000])
     """
@@ -133,7 +133,7 @@ def coordinate_match(
         Distances and radii are in normalized image coordinates; flips are handled by the
         geometry (a flipped view's column 0 lies at the right of its crop).
 
-    Example:
+    Examples:
         >>> size = torch.tensor([100.0, 100.0])
         >>> q = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), None, size)
         >>> k = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), torch.tensor([True]), size)
@@ -210,7 +210,7 @@ class CoordinateMatcher(nn.Module):
     Args:
         threshold: positive radius in units of the larger bin diagonal (``0.7`` as PixPro).
 
-    Example:
+    Examples:
         >>> size = torch.tensor([64.0, 64.0])
         >>> g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 64.0, 64.0]]), None, size)
         >>> m = CoordinateMatcher(0.7)(g, g, (7, 7), (14, 14))  # 4 key cells per query cell, plus 8 neighbours
@@ -275,7 +275,7 @@ def nearest_coordinate_match(
     Convention:
         Exact halfway points are rounded half-to-even (``torch.round``).
 
-    Example:
+    Examples:
         >>> size = torch.tensor([100.0, 100.0])
         >>> q = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), None, size)
         >>> k = ViewGeometry.from_crops(torch.tensor([[50.0, 0.0, 100.0, 100.0]]), None, size)
@@ -322,7 +322,7 @@ class NearestCoordinateMatcher(nn.Module):
     Args:
         topk: keep at most this many valid queries per image (VICRegL ``num_matches``), or None.
 
-    Example:
+    Examples:
         >>> size = torch.tensor([64.0, 64.0])
         >>> g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 64.0, 64.0]]), None, size)
         >>> m = NearestCoordinateMatcher(topk=20)(g, g, (7, 7), (7, 7))

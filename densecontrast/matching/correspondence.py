@@ -65,7 +65,7 @@ def correspondence_match(
     Raises:
         ValueError: bad shapes, an unknown ``border``, or geometries of different lengths.
 
-    Example:
+    Examples:
         >>> size = torch.tensor([100.0, 100.0])
         >>> g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), None, size)
         >>> f = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), torch.tensor([True]), size)
@@ -103,7 +103,7 @@ class CorrespondenceMatcher(nn.Module):
     Args:
         border: ``"view"`` (valid inside the key view) or ``"interior"`` (inside the cell centers).
 
-    Example:
+    Examples:
         >>> size = torch.tensor([100.0, 100.0])
         >>> q = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), None, size)
         >>> k = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 50.0, 100.0]]), None, size)

@@ -110,7 +110,7 @@ def location_match(
         ValueError: ``num_points < 1``, unknown ``sampling``, a non-square ``num_points`` for
             ``"grid"``, missing shapes or embeddings, or mismatched batch sizes.
 
-    Example:
+    Examples:
         >>> size = torch.tensor([100.0, 100.0])
         >>> q = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 60.0, 60.0]]), None, size)
         >>> k = ViewGeometry.from_crops(torch.tensor([[20.0, 20.0, 100.0, 100.0]]), torch.tensor([True]), size)
@@ -171,7 +171,7 @@ class LocationMatcher(nn.Module):
         oversample: candidates per kept point for ``"hard"``.
         hard_fraction: fraction of hard points for ``"hard"``.
 
-    Example:
+    Examples:
         >>> size = torch.tensor([100.0, 100.0])
         >>> q = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 60.0, 60.0]]), None, size)
         >>> k = ViewGeometry.from_crops(torch.tensor([[70.0, 0.0, 100.0, 60.0]]), None, size)

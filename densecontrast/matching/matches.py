@@ -43,7 +43,7 @@ class Matches:
         similarity: ``(B, N)`` float, the matched similarity (similarity matchers), or None.
         key_shape: ``(h_k, w_k)`` of the key grid, when known.
 
-    Example:
+    Examples:
         >>> m = Matches(valid=torch.tensor([[True, False]]), weight=torch.ones(1, 2),
         ...             key_index=torch.tensor([[1, 0]]), key_shape=(1, 2))
         >>> m.to_dense(2)
@@ -199,7 +199,7 @@ def sample_points(feature_map: Tensor, points: Tensor) -> Tensor:
     Returns:
         ``(B, N, D)``, via ``grid_sample(align_corners=False, padding_mode="border")``.
 
-    Example:
+    Examples:
         >>> fmap = torch.arange(4.0).reshape(1, 1, 2, 2)
         >>> sample_points(fmap, torch.tensor([[[0.5, 0.0], [0.0, 1.0]]]))
         tensor([[[0.5000],

@@ -101,7 +101,7 @@ def similarity_match(
         ValueError: bad shapes (features, geometry lengths), ``chunk_size < 1`` or an unknown
             ``metric``.
 
-    Example:
+    Examples:
         >>> q = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])  # (B, N, C)
         >>> k = torch.tensor([[[0.0, 2.0], [3.0, 0.1]]])  # (B, M, C)
         >>> m = similarity_match(q, k, chunk_size=2)
@@ -180,7 +180,7 @@ class SimilarityMatcher(nn.Module):
         chunk_size: query rows whose similarities are held at once (>= 1).
         metric: ``"cosine"`` (DenseCL, PixCon) or ``"l2"`` (VICRegL feature matching).
 
-    Example:
+    Examples:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> f = torch.randn(2, 8, 4, 4)

@@ -37,7 +37,11 @@ def _check_shape(name: str, x: Tensor, shape: tuple[int | None, ...], what: str)
 
 def _check_finite(name: str, x: Tensor) -> None:
     if x.is_floating_point() and not torch.isfinite(x).all():
-        raise ValueError(f"{name} must be finite, but it contains NaN or inf: {x}")
+        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise ValueError(
+            f"{name} must be finite, but it contains {int((~torch.isfinite(x)).sum())} NaN or inf values "
+            f"(first at index {bad}) in a tensor of shape {tuple(x.shape)}"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,9 +58,9 @@ class ViewGeometry:
 
     Convention:
         View space and image space are both normalized to ``[0, 1]`` (see the module
-        docstring). The view -> image map is
-        ``x = x0n + (x1n - x0n) * (1 - u if flip else u)``, ``y = y0n + (y1n - y0n) * v``
-        with ``x0n = x0 / W`` etc.
+        docstring). For a view-space point ``(s, t)`` the view -> image map is
+        ``x = x0n + (x1n - x0n) * (1 - s if flip else s)``, ``y = y0n + (y1n - y0n) * t``
+        with ``x0n = x0 / W`` etc. (``(u, v)`` is reserved for feature-cell coordinates.)
 
     Examples:
         >>> import torch

@@ -1,0 +1,399 @@
+"""Small-scale reproduction of the papers' comparisons on synthetic scenes (CPU).
+
+Every method gets the same budget: ``--steps`` optimiser steps, batch 32, synthetic scenes of
+96 x 96 px, two 64 x 64 views, the ``tiny`` backbone (TinyConvNet, stride 8, 128 channels), SGD
+with the scripts' default learning rate, one process with ``OMP_NUM_THREADS=1``. Each run is the
+method's reference script ``examples/<m>/train.py`` started as a subprocess; ``--jobs`` runs go in
+parallel. Every exported ``backbone.pth`` (and a seeded random-init backbone) is then scored with
+one protocol, identical for all methods:
+
+* correspondence accuracy (:func:`densecontrast.eval.correspondence_accuracy`), ``mode="flip"``
+  (96 px image vs its mirror) and ``mode="crop"`` (two random resized crops rendered at 64 px),
+  colour-augmented key, on 128 held-out images (dataset seed 10000), generator seeded 0;
+* dense linear probe mIoU (:func:`densecontrast.eval.dense_linear_probe`) on the scene masks,
+  256 training images (seed 20000), 128 validation images (seed 30000), 96 px, 20 epochs.
+
+Outputs under ``--out``: ``<method>/seed<k>/`` (the script's ``backbone.pth``, ``metrics.jsonl``,
+``train.log``, and ``eval.json``), ``results.json`` (every run and the mean / std per method) and
+``results.md`` (the table that is printed). Pictures go to ``--img-dir``.
+
+    python benchmarks/reproduce.py --steps 60 --seeds 0 1 2 --jobs 2 --out runs/reproduce
+    python benchmarks/reproduce.py --out runs/reproduce --only-table   # table + pictures again
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison: which script runs it, with which extra flags."""
+
+    name: str
+    label: str
+    kind: str  # "none" (random init), "global" or "dense"
+    script: str | None = None
+    args: tuple[str, ...] = field(default_factory=tuple)
+
+
+# All EMA methods start their momentum at 0.99 (the scripts' defaults are 0.99 for PixCon / PixPro,
+# 0.996 for LC-loss / BYOL and a fixed 0.999 for DenseCL; at a few dozen steps 0.999 barely moves the
+# key encoder). DenseCL / MoCo keep a fixed momentum, the others ascend 0.99 -> 1 (cosine), as in
+# their papers. DenseSiam has no momentum encoder.
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("random", "random init", "none"),
+        # MoCo v2 = DenseCL's global branch alone: online encoder + projector (no predictor), momentum key
+        # encoder, queue of negatives, InfoNCE at t = 0.2, MoCo v2 views. lambda = 0 gives exactly that
+        # loss (the dense branch is still computed, with zero weight, so the compute is DenseCL's).
+        Method("moco", "MoCo v2 (global only)", "global", "densecl", ("--dense-weight", "0", "--momentum", "0.99")),
+        Method("byol", "BYOL (global only)", "global", "lcloss", ("--alpha", "0", "--momentum-base", "0.99")),
+        Method("densecl", "DenseCL", "dense", "densecl", ("--momentum", "0.99")),
+        Method("pixcon_coord", "PixCon-Coord", "dense", "pixcon", ("--variant", "coord")),
+        Method("pixcon_sim", "PixCon-Sim", "dense", "pixcon", ("--variant", "sim")),
+        Method("pixcon_sr", "PixCon-SR", "dense", "pixcon", ("--variant", "sr")),
+        Method("pixpro", "PixPro", "dense", "pixpro", ()),
+        Method("lcloss", "LC-loss (BYOL + local)", "dense", "lcloss", ("--momentum-base", "0.99")),
+        Method("densesiam", "DenseSiam", "dense", "densesiam", ()),
+    )
+}
+
+METRICS: tuple[tuple[str, str], ...] = (
+    ("flip_exact", "corr. flip (exact)"),
+    ("crop_exact", "corr. crop (exact)"),
+    ("crop_within_one", "corr. crop (±1 cell)"),
+    ("probe_miou", "probe mIoU"),
+)
+
+EVAL = dict(  # the evaluation protocol, identical for every backbone
+    corr_images=128, corr_seed=10_000, image_size=96, view_size=64, generator_seed=0,
+    probe_train=256, probe_train_seed=20_000, probe_val=128, probe_val_seed=30_000, probe_epochs=20,
+)
+TRAIN = dict(batch_size=32, image_size=96, crop_size=64, arch="tiny")
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+
+def train_command(method: Method, steps: int, seed: int, run_dir: Path) -> list[str]:
+    """The subprocess command line that pre-trains ``method`` for ``steps`` steps (same budget for all)."""
+    assert method.script is not None
+    return [
+        sys.executable, str(ROOT / "examples" / method.script / "train.py"), *method.args,
+        "--arch", TRAIN["arch"], "--batch-size", str(TRAIN["batch_size"]),
+        "--image-size", str(TRAIN["image_size"]), "--crop-size", str(TRAIN["crop_size"]),
+        "--epochs", "100000", "--max-steps", str(steps), "--seed", str(seed),
+        "--no-eval", "--workers", "1", "--device", "cpu", "--save-every", "1000000000", "--print-freq", "10",
+        "--output-dir", str(run_dir),
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_one(method: Method, seed: int, steps: int, out: Path) -> dict[str, Any]:
+    """Train (unless ``backbone.pth`` of a finished run of ``steps`` steps exists) and evaluate one run."""
+    run_dir = out / method.name / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = run_dir / "train_done.json"
+    info: dict[str, Any] = {"method": method.name, "seed": seed}
+    if method.script is not None:
+        prev = json.loads(done.read_text()) if done.exists() else None
+        if prev is None or prev.get("steps") != steps or not (run_dir / "backbone.pth").exists():
+            cmd = train_command(method, steps, seed, run_dir)
+            t0 = time.perf_counter()
+            with open(run_dir / "train.log", "w") as log:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT).returncode
+            if rc != 0:
+                raise RuntimeError(f"{method.name} seed {seed}: training failed (rc={rc}), see {run_dir / 'train.log'}")
+            prev = {"steps": steps, "train_seconds": time.perf_counter() - t0, "command": cmd[1:]}
+            if not (run_dir / "backbone.pth").exists():  # --no-eval skips the scripts' export
+                export_from_checkpoint(run_dir)
+            done.write_text(json.dumps(prev, indent=1))
+        info.update(steps=steps, train_seconds=prev["train_seconds"])
+    t0 = time.perf_counter()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--eval-run", str(run_dir), "--eval-seed", str(seed)]
+    if method.script is None:
+        cmd.append("--eval-random")
+    with open(run_dir / "eval.log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT).returncode
+    if rc != 0:
+        raise RuntimeError(f"{method.name} seed {seed}: evaluation failed (rc={rc}), see {run_dir / 'eval.log'}")
+    info["eval_seconds"] = time.perf_counter() - t0
+    print(f"done {method.name} seed {seed}: {json.dumps(info)}", flush=True)
+    return info
+
+
+def export_from_checkpoint(run_dir: Path) -> None:
+    """Write ``run_dir/backbone.pth`` (``{"arch", "state_dict"}``) from the online backbone in ``checkpoint.pth``."""
+    import torch
+
+    from densecontrast.eval.__main__ import extract_backbone_state
+
+    obj = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=True)
+    state, _ = extract_backbone_state(obj)  # online weights (momentum / target copies are skipped)
+    torch.save({"arch": TRAIN["arch"], "state_dict": state}, run_dir / "backbone.pth")
+
+
+def evaluate_run(run_dir: Path, seed: int, random_init: bool) -> dict[str, Any]:
+    """Score one backbone with the fixed protocol (``EVAL``) and write ``run_dir/eval.json``."""
+    import torch
+
+    from densecontrast.data.synthetic import SyntheticScenes
+    from densecontrast.engine import build_backbone
+    from densecontrast.eval import correspondence_accuracy, dense_linear_probe
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    backbone, _ = build_backbone(TRAIN["arch"])
+    if not random_init:
+        obj = torch.load(run_dir / "backbone.pth", map_location="cpu", weights_only=True)
+        backbone.load_state_dict(obj["state_dict"], strict=True)
+    backbone.eval()
+    size = EVAL["image_size"]
+    images = SyntheticScenes(EVAL["corr_images"], size, seed=EVAL["corr_seed"], return_mask=False)
+    res: dict[str, Any] = {}
+    for mode in ("flip", "crop"):
+        r = correspondence_accuracy(
+            backbone, images, mode, view_size=EVAL["view_size"] if mode == "crop" else None,
+            generator=torch.Generator().manual_seed(EVAL["generator_seed"]), device="cpu",
+        )
+        res[f"{mode}_exact"], res[f"{mode}_within_one"] = r["exact"], r["within_one"]
+        res[f"{mode}_chance"], res[f"{mode}_feature_shape"] = r["chance_exact"], r["feature_shape"]
+    train = SyntheticScenes(EVAL["probe_train"], size, seed=EVAL["probe_train_seed"])
+    val = SyntheticScenes(EVAL["probe_val"], size, seed=EVAL["probe_val_seed"])
+    p = dense_linear_probe(backbone, train, val, num_classes=train.num_labels, epochs=EVAL["probe_epochs"],
+                           device="cpu", seed=0)
+    res["probe_miou"], res["probe_pixel_accuracy"] = p["miou"], p["pixel_accuracy"]
+    res["random_init"] = random_init
+    (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+# ----------------------------------------------------------------------------------------- aggregation
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; 0.0 for a single value)."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def collect(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
+    """Read every ``<out>/<method>/seed<k>/eval.json`` (+ ``train_done.json``) and aggregate per method.
+
+    Returns ``{"runs": [...], "summary": {method: {metric: {"mean", "std", "n", "values"}}}, "missing": [...]}``.
+    """
+    runs, missing = [], []
+    summary: dict[str, Any] = {}
+    for name in methods:
+        per: dict[str, list[float]] = {k: [] for k, _ in METRICS}
+        per["train_seconds"] = []
+        for seed in seeds:
+            run_dir = out / name / f"seed{seed}"
+            ev = run_dir / "eval.json"
+            if not ev.exists():
+                missing.append(f"{name}/seed{seed}")
+                continue
+            rec = {"method": name, "seed": seed, **json.loads(ev.read_text())}
+            done = run_dir / "train_done.json"
+            if done.exists():
+                d = json.loads(done.read_text())
+                rec["steps"], rec["train_seconds"] = d["steps"], d["train_seconds"]
+                per["train_seconds"].append(d["train_seconds"])
+            runs.append(rec)
+            for k, _ in METRICS:
+                per[k].append(float(rec[k]))
+        summary[name] = {
+            k: {"mean": m, "std": s, "n": len(v), "values": v} for k, v in per.items() for m, s in [mean_std(v)]
+        }
+    return {"runs": runs, "summary": summary, "missing": missing}
+
+
+def _fmt(stat: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+    if stat["n"] == 0:
+        return "n/a"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def markdown_table(results: dict[str, Any], methods: Sequence[str]) -> str:
+    """The results table: one row per method, mean ± std (sample) over seeds, accuracies in %."""
+    head = ["method", "type", "n", *[label for _, label in METRICS], "train s / run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(METRICS) + 1)) + "|"]
+    for name in methods:
+        s, meta = results["summary"][name], METHODS[name]
+        n = s[METRICS[0][0]]["n"]
+        cells = [meta.label, meta.kind if meta.kind != "none" else "-", str(n)]
+        cells += [_fmt(s[k]) for k, _ in METRICS]
+        cells.append(_fmt(s["train_seconds"], scale=1.0, digits=0) if s["train_seconds"]["n"] else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(results: dict[str, Any], methods: Sequence[str], path: Path) -> None:
+    """Grouped bars (mean, error bar = std over seeds) of the metrics per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4.2), sharey=False)
+    colors = {"none": "#999999", "global": "#4c72b0", "dense": "#dd8452"}
+    for ax, (key, label) in zip(axes, METRICS, strict=True):
+        means = [results["summary"][m][key]["mean"] * 100 for m in methods]
+        stds = [results["summary"][m][key]["std"] * 100 for m in methods]
+        ax.bar(range(len(methods)), means, yerr=stds, capsize=3, color=[colors[METHODS[m].kind] for m in methods])
+        ax.set_xticks(range(len(methods)), [METHODS[m].label.split(" (")[0] for m in methods], rotation=60,
+                      ha="right", fontsize=8)
+        ax.set_title(label + " (%)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("grey: random init, blue: global-only, orange: dense; mean ± std over seeds", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def matches_picture(run_dir: Path | None, path: Path, title: str, seed: int = 0) -> None:
+    """Argmax-cosine matches between two crops of one held-out scene (green: within one cell of the truth)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from densecontrast.data.synthetic import SyntheticScenes
+    from densecontrast.engine import build_backbone
+    from densecontrast.eval.correspondence import extract_features, match_correctness, random_crops, render_views
+    from densecontrast.matching import similarity_match
+    from densecontrast.viz import plot_matches
+
+    torch.manual_seed(seed)
+    backbone, _ = build_backbone(TRAIN["arch"])
+    if run_dir is not None:
+        backbone.load_state_dict(torch.load(run_dir / "backbone.pth", map_location="cpu", weights_only=True)
+                                 ["state_dict"])
+    backbone.eval()
+    image = SyntheticScenes(1, EVAL["image_size"], seed=EVAL["corr_seed"] + 1, return_mask=False)[0]
+    x = image[None].float() / 255
+    g = torch.Generator().manual_seed(0)
+    qg = random_crops(tuple(x.shape[-2:]), 1, g, (0.4, 1.0))
+    kg = random_crops(tuple(x.shape[-2:]), 1, g, (0.4, 1.0))
+    vs = (EVAL["view_size"], EVAL["view_size"])
+    v1, v2 = render_views(x, qg, vs), render_views(x, kg, vs)
+    with torch.no_grad():
+        f1, f2 = extract_features(backbone, v1), extract_features(backbone, v2)
+    m = similarity_match(f1, f2)
+    res = match_correctness(f1, f2, qg, kg)
+    m = m.replace(valid=res["valid"])
+    fig = plot_matches(v1[0], v2[0], m, color_by="correct", correct=res["within_one"],
+                       query_shape=tuple(f1.shape[-2:]), title=title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, recorded in ``results.json``."""
+    import torch
+
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
+
+
+def build_outputs(args: argparse.Namespace) -> str:
+    """Aggregate, write ``results.json`` / ``results.md`` / pictures, return the table text."""
+    results = collect(args.out, args.methods, args.seeds)
+    steps = sorted({r["steps"] for r in results["runs"] if "steps" in r})
+    table = markdown_table(results, args.methods)
+    budget = (f"steps per run: {', '.join(map(str, steps)) or '-'}; seeds: {' '.join(map(str, args.seeds))}; "
+              f"batch {TRAIN['batch_size']}, images {TRAIN['image_size']} px, views {TRAIN['crop_size']} px, "
+              f"backbone {TRAIN['arch']}, 1 thread per run")
+    text = table + "\n\n" + budget + "\n"
+    if results["missing"]:
+        text += f"\nMISSING RUNS (table incomplete): {', '.join(results['missing'])}\n"
+    results.update(budget=budget, train=TRAIN, eval=EVAL, environment=environment(),
+                   methods={m: {"label": METHODS[m].label, "kind": METHODS[m].kind, "script": METHODS[m].script,
+                                "args": list(METHODS[m].args)} for m in args.methods})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "results.md").write_text(text)
+    if not args.no_pictures and results["runs"]:
+        img = args.img_dir
+        bar_chart(results, args.methods, img / "results_bars.png")
+        if "pixcon_sr" in args.methods and (args.out / "pixcon_sr" / f"seed{args.seeds[0]}" / "backbone.pth").exists():
+            matches_picture(args.out / "pixcon_sr" / f"seed{args.seeds[0]}", img / "results_matches_pixcon_sr.png",
+                            f"PixCon-SR, seed {args.seeds[0]}: matches (green: within one cell)", args.seeds[0])
+        if "random" in args.methods:
+            matches_picture(None, img / "results_matches_random.png",
+                            f"random init, seed {args.seeds[0]}: matches (green: within one cell)", args.seeds[0])
+    return text
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=60, help="optimiser steps per run (same for every method)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--img-dir", type=Path, default=ROOT / "docs" / "img")
+    p.add_argument("--only-table", action="store_true", help="no runs: rebuild table / json / pictures from --out")
+    p.add_argument("--no-pictures", action="store_true")
+    p.add_argument("--eval-run", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--eval-seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--eval-random", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    args = get_args_parser().parse_args(argv)
+    if args.eval_run is not None:  # internal: evaluate one run in its own single-thread process
+        print(json.dumps(evaluate_run(args.eval_run, args.eval_seed, args.eval_random)))
+        return ""
+    if not args.only_table:
+        # longest runs first so that the parallel slots finish together
+        jobs = [(METHODS[m], s) for s in args.seeds for m in args.methods]
+        jobs.sort(key=lambda j: j[0].script is None)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(run_one, m, s, args.steps, args.out) for m, s in jobs]
+            errors = []
+            for f in futures:
+                try:
+                    f.result()
+                except RuntimeError as error:
+                    errors.append(str(error))
+        print(f"all runs: {time.perf_counter() - t0:.0f} s wall-clock", flush=True)
+        for e in errors:
+            print("ERROR:", e, file=sys.stderr)
+    text = build_outputs(args)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -37,54 +37,16 @@ import argparse
 import gc
 import platform
 import time
-import weakref
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from live_memory import LiveTensorBytes
 
 from densecontrast.losses.dense_infonce import default_chunk_size, dense_info_nce
 
 #: Report process CPU time (all threads) instead of wall-clock time; set by ``--cpu-time``.
 CPU_TIME = False
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Track the bytes of live tensor storages created inside the mode; ``peak`` is the maximum."""
-
-    def __init__(self, *inputs: torch.Tensor) -> None:
-        super().__init__()
-        self._external = {t.untyped_storage().data_ptr() for t in inputs}
-        self.current = 0
-        self.peak = 0
-        self._refs: dict[int, int] = {}  # storage data_ptr -> number of live tensors using it
-        self._sizes: dict[int, int] = {}
-
-    def _release(self, key: int) -> None:
-        self._refs[key] -= 1
-        if self._refs[key] == 0:
-            self.current -= self._sizes.pop(key)
-            del self._refs[key]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._external:
-                continue
-            if key not in self._refs:
-                self._refs[key] = 0
-                self._sizes[key] = nbytes
-                self.current += nbytes
-                self.peak = max(self.peak, self.current)
-            self._refs[key] += 1
-            weakref.finalize(t, self._release, key)
-        return out
 
 
 def naive(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:

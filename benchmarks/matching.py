@@ -32,52 +32,14 @@ import gc
 import math
 import platform
 import time
-import weakref
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from live_memory import LiveTensorBytes
 
 from densecontrast.geometry import ViewGeometry
 from densecontrast.matching import coordinate_match, similarity_match
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created by operators inside the mode and still alive."""
-
-    def __init__(self, baseline: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.current = 0
-        self.peak = 0
-        self._count: dict[int, int] = {}
-        self._bytes: dict[int, int] = {}
-        self._baseline = {t.untyped_storage().data_ptr() for t in baseline}
-
-    def _free(self, key: int) -> None:
-        self._count[key] -= 1
-        if self._count[key] == 0:
-            self.current -= self._bytes.pop(key)
-            del self._count[key]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._baseline:
-                continue
-            if key not in self._count:
-                self._count[key] = 0
-                self._bytes[key] = nbytes
-                self.current += nbytes
-                self.peak = max(self.peak, self.current)
-            self._count[key] += 1
-            weakref.finalize(t, self._free, key)
-        return out
 
 
 def random_resized_crops(b: int, gen: torch.Generator, width: float = 640.0, height: float = 480.0) -> ViewGeometry:
@@ -145,7 +107,7 @@ def peak_bytes(fn: Callable[[], object], device: torch.device, inputs: list[torc
         peak = torch.cuda.max_memory_allocated(device) - base
         del out
         return peak
-    with LiveTensorBytes(inputs) as mode:
+    with LiveTensorBytes(*inputs) as mode:
         out = fn()
     del out
     gc.collect()

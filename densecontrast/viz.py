@@ -193,7 +193,8 @@ def plot_matches(
     elif color_by == "weight":
         w = matches.weight[index].detach().cpu().float()
         lo, hi = float(w[valid].min()) if valid.any() else 0.0, float(w[valid].max()) if valid.any() else 1.0
-        norm = mpl.colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-6)
+        # weights usually lie in [0, 1]: use that scale so constant weights get a readable colour bar
+        norm = mpl.colors.Normalize(vmin=min(lo, 0.0), vmax=max(hi, 1.0))
         cmap = mpl.colormaps["viridis"]
         colors = [cmap(norm(float(w[i]))) for i in sel.tolist()]
         sm = mpl.cm.ScalarMappable(norm=norm, cmap=cmap)

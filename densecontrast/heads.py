@@ -27,7 +27,7 @@ ResNet-50 C5 map):
 | | `predictor` | `Predictor` (BN) | 2048 -> 512 -> 2048 |
 | | `dense_projector` | `DenseProjection` (BN) | C -> 2048 -> 2048 |
 | | `dense_predictor` | `DensePredictor` (BN) | 2048 -> 512 -> 2048 |
-| | `region_logits` (optional) | `DenseProjection` (BN) | C -> 2048 -> K |
+| | `region_logits` (optional) | `DenseProjection` (BN) + BN without affine | C -> 2048 -> K |
 | | `region_projector` (optional) | `ProjectionMLP` (BN) | C -> 2048 -> 256 |
 | | `region_predictor` (optional) | `Predictor` (BN) | 256 -> 512 -> 256 |
 
@@ -467,7 +467,10 @@ def densesiam_heads(
     }
     if num_regions is not None:
         _check_dims(num_regions=num_regions, region_dim=region_dim)
-        heads["region_logits"] = DenseProjection(in_dim, hidden_dim, num_regions)
+        # the released DenseSiam ends the mask head with a BatchNorm without affine parameters
+        heads["region_logits"] = nn.Sequential(
+            DenseProjection(in_dim, hidden_dim, num_regions), nn.BatchNorm2d(num_regions, affine=False)
+        )
         heads["region_projector"] = ProjectionMLP(in_dim, hidden_dim, region_dim)
         heads["region_predictor"] = Predictor(region_dim, pred_hidden_dim, region_dim)
     return nn.ModuleDict(heads)

@@ -242,7 +242,9 @@ def test_densesiam_heads_dims() -> None:
     assert isinstance(h["projector"].net[-1], nn.BatchNorm1d)
     assert _param_shapes(h["predictor"])["net.0.weight"] == (512, 2048)
     assert _param_shapes(h["dense_predictor"])["mlp.net.3.weight"] == (2048, 512)
-    assert _param_shapes(h["region_logits"])["net.3.weight"] == (27, 2048, 1, 1)
+    assert _param_shapes(h["region_logits"])["0.net.3.weight"] == (27, 2048, 1, 1)
+    last = h["region_logits"][-1]
+    assert isinstance(last, torch.nn.BatchNorm2d) and not last.affine
     assert _param_shapes(h["region_projector"])["net.0.weight"] == (2048, 2048)
 
 

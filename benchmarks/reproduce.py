@@ -17,7 +17,7 @@ Outputs under ``--out``: ``<method>/seed<k>/`` (the script's ``backbone.pth``, `
 ``train.log``, and ``eval.json``), ``results.json`` (every run and the mean / std per method) and
 ``results.md`` (the table that is printed). Pictures go to ``--img-dir``.
 
-    python benchmarks/reproduce.py --steps 60 --seeds 0 1 2 --jobs 2 --out runs/reproduce
+    python benchmarks/reproduce.py --steps 64 --seeds 0 1 2 --jobs 2 --out runs/reproduce
     python benchmarks/reproduce.py --out runs/reproduce --only-table   # table + pictures again
 """
 
@@ -355,7 +355,7 @@ def build_outputs(args: argparse.Namespace) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=60, help="optimiser steps per run (same for every method)")
+    p.add_argument("--steps", type=int, default=64, help="optimiser steps per run (same for every method)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce")

@@ -74,6 +74,11 @@ def test_script_runs_a_few_steps(method: str, tmp_path: Path) -> None:
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     ckpt = _load(out / "checkpoint.pth")
     assert ckpt["step"] == 2 and "model" in ckpt and "optimizer" in ckpt and "rng" in ckpt
+    exported = _load(out / "backbone.pth")["state_dict"]  # written even with --no-eval
+    prefix = "encoder.backbone."
+    online = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    assert online.keys() == exported.keys()
+    assert all(torch.equal(online[k], exported[k]) for k in online)
 
 
 def test_report_with_pictures_and_export(tmp_path: Path) -> None:

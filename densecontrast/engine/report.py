@@ -5,8 +5,7 @@
   geometry. Logged every step by the scripts as ``match_within_one``.
 * :func:`final_report`: after training, on rank 0: correspondence accuracy of the trained
   backbone against a random-init one of the same architecture, the loss curves (``loss.png``),
-  matches between two views (``matches.png``), the exported backbone (``backbone.pth``) and
-  ``report.json``.
+  matches between two views (``matches.png``) and ``report.json``.
 """
 
 from __future__ import annotations
@@ -88,7 +87,6 @@ def final_report(
     """
     from densecontrast.data.synthetic import SyntheticScenes
     from densecontrast.engine.backbones import build_backbone
-    from densecontrast.engine.checkpoint import export_backbone
     from densecontrast.eval.correspondence import correspondence_accuracy
 
     if not trainer.dist.is_main:
@@ -111,8 +109,6 @@ def final_report(
             )
             report[f"{name}_{mode}_exact"] = acc["exact"]
             report[f"{name}_{mode}_within_one"] = acc["within_one"]
-    export_backbone(backbone, out_dir / "backbone.pth", arch=args.arch if args.arch != "tiny" else "tiny",
-                    verify=args.arch != "tiny")
     try:
         _pictures(trainer, backbone, transform, held_out, match_fn)
         report["pictures"] = ["loss.png", "matches.png"]

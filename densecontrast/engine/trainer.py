@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from densecontrast.distributed import unwrap_model
 from densecontrast.engine.checkpoint import (
+    export_backbone,
     gather_rng_states,
     load_checkpoint,
     resolve_resume,
@@ -506,6 +507,15 @@ class Trainer:
         base = getattr(getattr(self.dataset, "dataset", None), "dataset", None)
         n = getattr(base, "num_skipped", None)
         return int(n) if n is not None else None
+
+    def export(self, backbone: nn.Module) -> Path:
+        """Write ``<output_dir>/backbone.pth`` (torchvision key layout, rank 0) for fine-tuning.
+
+        See :func:`densecontrast.engine.checkpoint.export_backbone` for the format.
+        """
+        path = self.output_dir / "backbone.pth"
+        export_backbone(backbone, path, arch=self.args.arch, verify=self.args.arch != "tiny")
+        return path
 
     def close(self) -> None:
         """Close the log writers."""

@@ -208,6 +208,7 @@ def main(args: argparse.Namespace) -> None:
         return StepOutput(total, metrics)
 
     trainer.fit(step_fn)
+    trainer.export(online.encoder["backbone"])  # backbone.pth, for fine-tuning
     if not trainer.stopped_by_signal and not args.no_eval:
         final_report(trainer, online.encoder["backbone"], transform, lambda a, b, ga, gb: location_match(
             ga, gb, math.isqrt(args.num_points) ** 2, "grid", tuple(a.shape[-2:]), tuple(b.shape[-2:])))

@@ -158,6 +158,7 @@ def main(args: argparse.Namespace) -> None:
         return {"momentum": m}
 
     trainer.fit(step_fn, after_step)
+    trainer.export(online.encoder["backbone"])  # backbone.pth, for fine-tuning
     if not trainer.stopped_by_signal and not args.no_eval:
         final_report(trainer, online.encoder["backbone"], transform, lambda a, b, ga, gb: correspondence_match(
             ga, gb, tuple(a.shape[-2:]), tuple(b.shape[-2:])))

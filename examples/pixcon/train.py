@@ -175,6 +175,7 @@ def main(args: argparse.Namespace) -> None:
         return {"momentum": m}
 
     trainer.fit(step_fn, after_step)
+    trainer.export(online.encoder["backbone"])  # backbone.pth, for fine-tuning
     if not trainer.stopped_by_signal and not args.no_eval:
         final_report(trainer, online.encoder["backbone"], transform, lambda a, b, ga, gb: match(
             {"feats": a}, {"feats": b}, ga, gb))

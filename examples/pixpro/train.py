@@ -177,6 +177,7 @@ def main(args: argparse.Namespace) -> None:
         return StepOutput(total, metrics)
 
     trainer.fit(step_fn)
+    trainer.export(online.encoder["backbone"])  # backbone.pth, for fine-tuning
     if not trainer.stopped_by_signal and not args.no_eval:
         # the match picture shows the nearest coordinate match (default of final_report)
         final_report(trainer, online.encoder["backbone"], transform)

@@ -663,6 +663,16 @@ def _pipeline(color: bool, normalize: bool, **kwargs: Any) -> v2.Compose:
     return color_pipeline(color=color, normalize=normalize, **kwargs)
 
 
+def _byol_photometric(color: bool, normalize: bool, size: SizeLike, blur_kernel: int | None) -> list[v2.Compose]:
+    """BYOL's asymmetric colour pipelines: view 1 always blurred, view 2 rarely blurred and sometimes solarized."""
+    k = blur_kernel if blur_kernel is not None else blur_kernel_size(size)
+    common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_kernel=k)
+    return [
+        _pipeline(color, normalize, blur_p=1.0, solarize_p=0.0, **common),
+        _pipeline(color, normalize, blur_p=0.1, solarize_p=0.2, **common),
+    ]
+
+
 def byol_views(
     size: SizeLike,
     scale: Sequence[float] = (0.08, 1.0),
@@ -706,25 +716,9 @@ def byol_views(
         >>> [tuple(v.shape) for v in views], views[0].dtype
         ([(3, 32, 32), (3, 32, 32)], torch.float32)
     """
-    k = blur_kernel if blur_kernel is not None else blur_kernel_size(size)
-    common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_kernel=k)
     views = [
-        ViewTransform(
-            size,
-            scale=scale,
-            ratio=ratio,
-            flip_p=0.5,
-            antialias=antialias,
-            photometric=_pipeline(color, normalize, blur_p=1.0, solarize_p=0.0, **common),
-        ),
-        ViewTransform(
-            size,
-            scale=scale,
-            ratio=ratio,
-            flip_p=0.5,
-            antialias=antialias,
-            photometric=_pipeline(color, normalize, blur_p=0.1, solarize_p=0.2, **common),
-        ),
+        ViewTransform(size, scale=scale, ratio=ratio, flip_p=0.5, antialias=antialias, photometric=photometric)
+        for photometric in _byol_photometric(color, normalize, size, blur_kernel)
     ]
     return MultiViewTransform(views, min_overlap=min_overlap, max_tries=max_tries, return_info=return_info)
 
@@ -824,23 +818,9 @@ def lc_views(
         >>> geoms[0].boxes, geoms[0].flips
         (tensor([[ 0.,  0., 60., 40.]]), tensor([False]))
     """
-    k = blur_kernel if blur_kernel is not None else blur_kernel_size(size)
-    common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_kernel=k)
+    colour_only, spatial = _byol_photometric(color, normalize, size, blur_kernel)
     views = [
-        ViewTransform(
-            size,
-            crop=False,
-            flip_p=0.0,
-            antialias=antialias,
-            photometric=_pipeline(color, normalize, blur_p=1.0, solarize_p=0.0, **common),
-        ),
-        ViewTransform(
-            size,
-            scale=scale,
-            ratio=ratio,
-            flip_p=0.5,
-            antialias=antialias,
-            photometric=_pipeline(color, normalize, blur_p=0.1, solarize_p=0.2, **common),
-        ),
+        ViewTransform(size, crop=False, flip_p=0.0, antialias=antialias, photometric=colour_only),
+        ViewTransform(size, scale=scale, ratio=ratio, flip_p=0.5, antialias=antialias, photometric=spatial),
     ]
     return MultiViewTransform(views, return_info=return_info)

@@ -26,7 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densecontrast.losses.reduction import check_finite_positive, check_reduction, check_shape, reduce
+from densecontrast.losses.reduction import (
+    check_feature_map_pair,
+    check_finite_positive,
+    check_reduction,
+    reduce,
+)
 from densecontrast.matching.matches import Matches, sample_points
 
 __all__ = ["LocalContrastiveLoss", "local_contrastive_loss"]
@@ -74,14 +79,7 @@ def local_contrastive_loss(
     """
     tau = check_finite_positive("temperature", temperature)
     check_reduction(reduction)
-    check_shape("query", query, ("B", "D", "h", "w"), floating=True)
-    check_shape("key", key, ("B", "D", "h_k", "w_k"), floating=True)
-    b, d, h, w = query.shape
-    if key.shape[:2] != (b, d):
-        raise ValueError(
-            f"key must have shape (B, D, h_k, w_k) with (B, D) = ({b}, {d}) as query, but got {tuple(key.shape)}"
-        )
-    hk, wk = key.shape[2:]
+    b, _, h, w, hk, wk = check_feature_map_pair("query", query, "key", key)
     n = h * w
     if not isinstance(matches, Matches):
         raise ValueError(f"matches must be a densecontrast.matching.Matches, but got {type(matches).__name__}")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densecontrast.losses.reduction import check_reduction, check_shape, reduce
+from densecontrast.losses.reduction import check_feature_map_pair, check_reduction, reduce
 from densecontrast.matching.matches import Matches
 
 __all__ = ["PixProConsistencyLoss", "pixpro_consistency_loss"]
@@ -94,15 +94,7 @@ def pixpro_consistency_loss(
     if per_image not in _PER_IMAGE:
         raise ValueError(f"per_image must be one of {_PER_IMAGE}, but got {per_image!r}")
     check_reduction(reduction)
-    check_shape("propagated", propagated, ("B", "D", "h", "w"), floating=True)
-    check_shape("target", target, ("B", "D", "h_k", "w_k"), floating=True)
-    b, d, h, w = propagated.shape
-    if target.shape[:2] != (b, d):
-        raise ValueError(
-            f"target must have shape (B, D, h_k, w_k) with (B, D) = ({b}, {d}) as propagated, "
-            f"but got {tuple(target.shape)}"
-        )
-    hk, wk = target.shape[2:]
+    b, _, h, w, hk, wk = check_feature_map_pair("propagated", propagated, "target", target)
     _check_matches(matches, b, h * w, (hk, wk))
 
     with torch.autocast(device_type=propagated.device.type, enabled=False):

@@ -171,3 +171,33 @@ def check_shape(name: str, x: object, pattern: Sequence[str | int | None], *, fl
     if floating and not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, but got dtype {x.dtype}")
     return x
+
+
+def check_feature_map_pair(query_name: str, query: object, key_name: str, key: object) -> tuple[int, ...]:
+    """Check two feature maps ``(B, D, h, w)`` and ``(B, D, h_k, w_k)`` that share ``B`` and ``D``.
+
+    Returns:
+        ``(B, D, h, w, h_k, w_k)``.
+
+    Raises:
+        ValueError: naming the argument, the expected shape and what came.
+
+    Examples:
+        >>> import torch
+        >>> check_feature_map_pair("query", torch.zeros(2, 8, 3, 3), "key", torch.zeros(2, 8, 4, 5))
+        (2, 8, 3, 3, 4, 5)
+        >>> check_feature_map_pair("query", torch.zeros(2, 8, 3, 3), "key", torch.zeros(2, 6, 4, 5))
+        Traceback (most recent call last):
+        ...
+        ValueError: key must have shape (B, D, h_k, w_k) with (B, D) = (2, 8) as query, but got (2, 6, 4, 5)
+    """
+    check_shape(query_name, query, ("B", "D", "h", "w"), floating=True)
+    check_shape(key_name, key, ("B", "D", "h_k", "w_k"), floating=True)
+    b, d, h, w = query.shape  # type: ignore[union-attr]
+    if key.shape[:2] != (b, d):  # type: ignore[union-attr]
+        raise ValueError(
+            f"{key_name} must have shape (B, D, h_k, w_k) with (B, D) = ({b}, {d}) as {query_name}, "
+            f"but got {tuple(key.shape)}"  # type: ignore[union-attr]
+        )
+    hk, wk = key.shape[2:]  # type: ignore[union-attr]
+    return b, d, h, w, hk, wk

@@ -200,3 +200,20 @@ def test_correspondence_bad_input():
         correspondence_match(g, g, (2, 2), (0, 2))
     with pytest.raises(ValueError, match="key_geometry"):
         correspondence_match(g, ViewGeometry.cat([g, g]), (2, 2), (2, 2))
+
+
+def test_sample_features_matches_a_naive_bilinear_reference() -> None:
+    from densecontrast.matching import LocationMatcher
+
+    g = torch.Generator().manual_seed(3)
+    fmap = torch.randn(2, 5, 4, 6, generator=g, dtype=torch.float64)
+    u = torch.rand(2, 7, generator=g, dtype=torch.float64) * 5  # inside [0, w - 1]
+    v = torch.rand(2, 7, generator=g, dtype=torch.float64) * 3  # inside [0, h - 1]
+    got = LocationMatcher.sample_features(fmap, torch.stack([u, v], -1))
+    for b in range(2):
+        for n in range(7):
+            j0, i0 = int(u[b, n].floor().clamp(max=4)), int(v[b, n].floor().clamp(max=2))
+            a, c = float(u[b, n]) - j0, float(v[b, n]) - i0
+            want = ((1 - a) * (1 - c) * fmap[b, :, i0, j0] + a * (1 - c) * fmap[b, :, i0, j0 + 1]
+                    + (1 - a) * c * fmap[b, :, i0 + 1, j0] + a * c * fmap[b, :, i0 + 1, j0 + 1])
+            torch.testing.assert_close(got[b, n], want)

@@ -194,6 +194,22 @@ class LocationMatcher(nn.Module):
         self.oversample = oversample
         self.hard_fraction = hard_fraction
 
+    @staticmethod
+    def sample_features(feature_map: Tensor, points: Tensor) -> Tensor:
+        """Bilinear features at matched points: ``(B, D, h, w)``, ``(B, N, 2)`` ``(u, v)`` -> ``(B, N, D)``.
+
+        ``points`` are feature-cell coordinates (cell centers at integers), e.g. ``query_points`` or
+        ``key_points`` of the returned :class:`Matches`; sampling is
+        ``grid_sample(align_corners=False, padding_mode="border")`` (see :func:`sample_points`).
+
+        Examples:
+            >>> fmap = torch.arange(6.0).reshape(1, 1, 2, 3)  # row 0: 0 1 2, row 1: 3 4 5
+            >>> LocationMatcher.sample_features(fmap, torch.tensor([[[1.0, 0.0], [0.5, 0.5]]]))
+            tensor([[[1.0000],
+                     [2.0000]]])
+        """
+        return sample_points(feature_map, points)
+
     def forward(
         self,
         query_geometry: ViewGeometry,

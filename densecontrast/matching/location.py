@@ -205,8 +205,8 @@ class LocationMatcher(nn.Module):
         Examples:
             >>> fmap = torch.arange(6.0).reshape(1, 1, 2, 3)  # row 0: 0 1 2, row 1: 3 4 5
             >>> LocationMatcher.sample_features(fmap, torch.tensor([[[1.0, 0.0], [0.5, 0.5]]]))
-            tensor([[[1.0000],
-                     [2.0000]]])
+            tensor([[[1.],
+                     [2.]]])
         """
         return sample_points(feature_map, points)
 

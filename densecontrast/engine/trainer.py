@@ -45,7 +45,13 @@ from densecontrast.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from densecontrast.engine.launch import DistInfo, PreemptionHandler, seed_everything, setup_for_distributed
+from densecontrast.engine.launch import (
+    DistInfo,
+    PreemptionHandler,
+    init_distributed,
+    seed_everything,
+    setup_for_distributed,
+)
 from densecontrast.engine.metrics import JsonlWriter, MetricLogger, TensorBoardWriter, progress_bar
 from densecontrast.engine.optim import LARS, WarmupCosineScheduler, param_groups_weight_decay, scale_lr
 
@@ -58,6 +64,8 @@ __all__ = [
     "build_pretraining_loader",
     "checkpointable_args",
     "parse_with_presets",
+    "schedule_length",
+    "start_run",
 ]
 
 
@@ -247,6 +255,35 @@ def build_pretraining_loader(
     return loader, dataset, sampler
 
 
+def start_run(args: argparse.Namespace, method: str) -> DistInfo:
+    """Start a reference script's run: default ``--output-dir runs/<method>``, process group, seeds.
+
+    Initialises ``torch.distributed`` from the launcher's environment (one process without it),
+    seeds every generator with ``seed + rank`` and, with ``--deterministic``, switches torch to
+    deterministic algorithms.
+    """
+    args.output_dir = args.output_dir or f"runs/{method}"
+    dist_info = init_distributed(device=args.device)
+    seed_everything(args.seed, dist_info.rank)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    return dist_info
+
+
+def schedule_length(args: argparse.Namespace, sampler: ShardedSampler) -> int:
+    """``total_steps = min(epochs * iters_per_epoch, max_steps)``: the length of every schedule.
+
+    Known before the :class:`Trainer` exists, so momentum schedules can be built with it.
+
+    Example:
+        >>> a = argparse.Namespace(epochs=3, max_steps=None)
+        >>> schedule_length(a, ShardedSampler(100, 10, 0, 1, seed=0))
+        30
+    """
+    total = args.epochs * sampler.batches_per_epoch
+    return min(total, args.max_steps) if args.max_steps else total
+
+
 @dataclass
 class StepOutput:
     """What a method's step function returns: the loss to minimise and scalars to log."""
@@ -315,8 +352,7 @@ class Trainer:
             self.ddp = self.model
         self.global_batch = args.batch_size * dist_info.world_size
         self.iters_per_epoch = sampler.batches_per_epoch
-        total = args.epochs * self.iters_per_epoch
-        self.total_steps = min(total, args.max_steps) if args.max_steps else total
+        self.total_steps = schedule_length(args, sampler)
         if args.lr_scaling == "linear":  # --lr is per 256 images: scale once, then record the result
             args.base_lr, args.lr, args.lr_scaling = args.lr, scale_lr(args.lr, self.global_batch), "none"
         self.optimizer = _build_optimizer(args, self.model)

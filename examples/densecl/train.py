@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densecontrast.ema import MomentumEncoder
-from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, seed_everything
+from densecontrast.engine import build_backbone, convert_sync_batchnorm
 from densecontrast.engine.report import final_report, true_cell_agreement
 from densecontrast.engine.trainer import (
     StepOutput,
@@ -48,6 +48,7 @@ from densecontrast.engine.trainer import (
     add_common_args,
     build_pretraining_loader,
     parse_with_presets,
+    start_run,
 )
 from densecontrast.heads import densecl_heads
 from densecontrast.losses.dense_infonce import DenseInfoNCE
@@ -107,11 +108,7 @@ def encode(encoder: nn.ModuleDict, view: Tensor) -> dict[str, Tensor]:
 
 
 def main(args: argparse.Namespace) -> None:
-    args.output_dir = args.output_dir or "runs/densecl"
-    dist_info = init_distributed(device=args.device)
-    seed_everything(args.seed, dist_info.rank)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
+    dist_info = start_run(args, "densecl")
 
     transform = mocov2_views(args.crop_size)  # DenseCL: MoCo v2 views, scale (0.2, 1), no overlap constraint
     loader, dataset, sampler = build_pretraining_loader(args, transform, dist_info)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, seed_everything
+from densecontrast.engine import build_backbone, convert_sync_batchnorm
 from densecontrast.engine.report import final_report
 from densecontrast.engine.trainer import (
     StepOutput,
@@ -56,6 +56,7 @@ from densecontrast.engine.trainer import (
     add_common_args,
     build_pretraining_loader,
     parse_with_presets,
+    start_run,
 )
 from densecontrast.heads import densesiam_heads
 from densecontrast.losses.dense_simsiam import DenseSimSiamLoss, RegionSimLoss, region_embeddings
@@ -148,11 +149,7 @@ def mask_statistics(logits: Tensor) -> tuple[float, float]:
 
 
 def main(args: argparse.Namespace) -> None:
-    args.output_dir = args.output_dir or "runs/densesiam"
-    dist_info = init_distributed(device=args.device)
-    seed_everything(args.seed, dist_info.rank)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
+    dist_info = start_run(args, "densesiam")
 
     transform = mocov2_views(args.crop_size)  # RRC scale (0.2, 1), flip, MoCo v2 colour
     loader, dataset, sampler = build_pretraining_loader(args, transform, dist_info)

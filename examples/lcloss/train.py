@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from densecontrast.ema import MomentumEncoder
-from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, seed_everything
+from densecontrast.engine import build_backbone, convert_sync_batchnorm
 from densecontrast.engine.report import final_report, true_cell_agreement
 from densecontrast.engine.trainer import (
     StepOutput,
@@ -42,6 +42,8 @@ from densecontrast.engine.trainer import (
     add_common_args,
     build_pretraining_loader,
     parse_with_presets,
+    schedule_length,
+    start_run,
 )
 from densecontrast.heads import lc_heads
 from densecontrast.losses.global_losses import BYOLLoss
@@ -108,11 +110,7 @@ def encode(encoder: nn.ModuleDict, view: Tensor, dense: bool) -> dict[str, Tenso
 
 
 def main(args: argparse.Namespace) -> None:
-    args.output_dir = args.output_dir or "runs/lcloss"
-    dist_info = init_distributed(device=args.device)
-    seed_everything(args.seed, dist_info.rank)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
+    dist_info = start_run(args, "lcloss")
 
     transform = lc_views(args.crop_size, scale=(args.scale_min, 1.0))  # view 0 = I_c, view 1 = I_sc
     loader, dataset, sampler = build_pretraining_loader(args, transform, dist_info)
@@ -120,9 +118,9 @@ def main(args: argparse.Namespace) -> None:
     online = LCOnline(args.arch, args.proj_hidden, args.proj_dim, args.dense_hidden, args.dense_dim)
     if args.sync_bn:
         online = convert_sync_batchnorm(online)
-    target = MomentumEncoder(online.encoder, CosineMomentum(1, base=args.momentum_base), buffers="none")
+    ascending = CosineMomentum(schedule_length(args, sampler), base=args.momentum_base)  # up to 1 at the end
+    target = MomentumEncoder(online.encoder, ascending, buffers="none")
     trainer = Trainer(args, online, {"target": target}, dist_info, loader, dataset, sampler)
-    target.schedule = CosineMomentum(trainer.total_steps, base=args.momentum_base)
     trainer.maybe_resume()
 
     global_loss = BYOLLoss()

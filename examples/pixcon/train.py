@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densecontrast.ema import MomentumEncoder
-from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, seed_everything
+from densecontrast.engine import build_backbone, convert_sync_batchnorm
 from densecontrast.engine.report import final_report, true_cell_agreement
 from densecontrast.engine.trainer import (
     StepOutput,
@@ -35,6 +35,8 @@ from densecontrast.engine.trainer import (
     add_common_args,
     build_pretraining_loader,
     parse_with_presets,
+    schedule_length,
+    start_run,
 )
 from densecontrast.heads import pixcon_heads
 from densecontrast.losses.dense_infonce import DenseInfoNCE
@@ -102,11 +104,7 @@ def encode(encoder: nn.ModuleDict, view: Tensor) -> dict[str, Tensor]:
 
 
 def main(args: argparse.Namespace) -> None:
-    args.output_dir = args.output_dir or "runs/pixcon"
-    dist_info = init_distributed(device=args.device)
-    seed_everything(args.seed, dist_info.rank)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
+    dist_info = start_run(args, "pixcon")
 
     transform = byol_views(args.crop_size, min_overlap=0.01)  # PixCon: >= 1% of crop 2 overlaps crop 1
     loader, dataset, sampler = build_pretraining_loader(args, transform, dist_info)
@@ -114,14 +112,14 @@ def main(args: argparse.Namespace) -> None:
     online = PixConOnline(args.arch, args.proj_hidden, args.proj_dim)
     if args.sync_bn:
         online = convert_sync_batchnorm(online)
-    target = MomentumEncoder(online.encoder, CosineMomentum(1, base=args.momentum_base), buffers="none")
+    ascending = CosineMomentum(schedule_length(args, sampler), base=args.momentum_base)  # up to 1 at the end
+    target = MomentumEncoder(online.encoder, ascending, buffers="none")
     global_queue = MomentumQueue(args.proj_dim, args.queue_size, seed=args.seed)
     dense_queue = MomentumQueue(args.proj_dim, args.queue_size, seed=args.seed + 1)
     trainer = Trainer(
         args, online, {"target": target, "global_queue": global_queue, "dense_queue": dense_queue},
         dist_info, loader, dataset, sampler,
     )
-    target.schedule = CosineMomentum(trainer.total_steps, base=args.momentum_base)
     trainer.maybe_resume()
 
     dense_loss = DenseInfoNCE(temperature=args.temperature)

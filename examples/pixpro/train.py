@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from densecontrast.ema import MomentumEncoder
-from densecontrast.engine import build_backbone, convert_sync_batchnorm, init_distributed, seed_everything
+from densecontrast.engine import build_backbone, convert_sync_batchnorm
 from densecontrast.engine.report import final_report
 from densecontrast.engine.trainer import (
     StepOutput,
@@ -45,6 +45,8 @@ from densecontrast.engine.trainer import (
     add_common_args,
     build_pretraining_loader,
     parse_with_presets,
+    schedule_length,
+    start_run,
 )
 from densecontrast.heads import pixpro_heads
 from densecontrast.losses.global_losses import negative_cosine
@@ -119,11 +121,7 @@ def encode(encoder: nn.ModuleDict, view: Tensor) -> dict[str, Tensor]:
 
 
 def main(args: argparse.Namespace) -> None:
-    args.output_dir = args.output_dir or "runs/pixpro"
-    dist_info = init_distributed(device=args.device)
-    seed_everything(args.seed, dist_info.rank)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
+    dist_info = start_run(args, "pixpro")
     if args.loss == "pixpro":
         print("note: the PixPro loss lies in [-4, 4] (two directions of -2 x mean cosine); negative values are "
               "normal, it usually settles around -2 to -3")
@@ -135,9 +133,9 @@ def main(args: argparse.Namespace) -> None:
     online = PixProOnline(args, use_ppm=args.loss == "pixpro", instance=instance)
     if args.sync_bn:
         online = convert_sync_batchnorm(online)
-    target = MomentumEncoder(online.encoder, CosineMomentum(1, base=args.momentum_base), buffers="none")
+    ascending = CosineMomentum(schedule_length(args, sampler), base=args.momentum_base)  # up to 1 at the end
+    target = MomentumEncoder(online.encoder, ascending, buffers="none")
     trainer = Trainer(args, online, {"target": target}, dist_info, loader, dataset, sampler)
-    target.schedule = CosineMomentum(trainer.total_steps, base=args.momentum_base)
     trainer.maybe_resume()
 
     pixpro_loss = PixProConsistencyLoss()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from densecontrast.eval.correspondence import cell_distance
 from densecontrast.geometry import ViewGeometry
 from densecontrast.matching import Matches, nearest_coordinate_match
 
@@ -56,10 +57,7 @@ def true_cell_agreement(
         raise ValueError("matches must hold a single key_index (B, N) per query")
     truth = nearest_coordinate_match(query_geometry, key_geometry, query_shape, key_shape)
     assert truth.key_index is not None
-    wk = key_shape[1]
-    got, want = matches.key_index, truth.key_index
-    dist = torch.maximum((got // wk - want // wk).abs(), (got % wk - want % wk).abs())
-    ok = (dist <= radius) & truth.valid
+    ok = (cell_distance(matches.key_index, truth.key_index, key_shape[1]) <= radius) & truth.valid
     n = int(truth.valid.sum())
     return float(ok.sum()) / n if n else 0.0
 

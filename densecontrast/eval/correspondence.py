@@ -29,10 +29,12 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from densecontrast.geometry import ViewGeometry
+from densecontrast.matching.coordinate import nearest_coordinate_match
 from densecontrast.matching.similarity import similarity_match
 from densecontrast.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
+    "cell_distance",
     "color_augment",
     "correspondence_accuracy",
     "extract_features",
@@ -284,6 +286,16 @@ def render_views(images: Tensor, geometry: ViewGeometry, size: tuple[int, int]) 
 
 
 # ------------------------------------------------------------------------------------ core
+def cell_distance(index: Tensor, other: Tensor, width: int) -> Tensor:
+    """Chebyshev distance in cells between flat (row-major) cell indices of a ``width``-wide grid.
+
+    Examples:
+        >>> cell_distance(torch.tensor([0, 5]), torch.tensor([4, 5]), width=3)  # (0,0)-(1,1), same cell
+        tensor([1, 0])
+    """
+    return torch.maximum((index // width - other // width).abs(), (index % width - other % width).abs())
+
+
 def match_correctness(
     query_features: Tensor,
     key_features: Tensor,
@@ -337,16 +349,13 @@ def match_correctness(
     dev = query_features.device
     qg = query_geometry.to(device=dev, dtype=torch.float64)
     kg = key_geometry.to(device=dev, dtype=torch.float64)
-    pts = qg.grid(h, w)  # (B, N, 2) image space
-    valid = kg.contains(pts)
-    uv = kg.to_cells(pts, hk, wk)
-    tu = torch.round(uv[..., 0]).clamp(0, wk - 1).long()
-    tv = torch.round(uv[..., 1]).clamp(0, hk - 1).long()
-    pu, pv = idx % wk, idx // wk
-    dist = torch.maximum((pu - tu).abs(), (pv - tv).abs()).float()
+    truth = nearest_coordinate_match(qg, kg, (h, w), (hk, wk))  # true cell; valid = point inside the key view
+    assert truth.key_index is not None
+    valid = truth.valid
+    dist = cell_distance(idx, truth.key_index, wk).float()
     return {
         "key_index": idx,
-        "true_index": tv * wk + tu,
+        "true_index": truth.key_index,
         "valid": valid,
         "exact": valid & (dist == 0),
         "within_one": valid & (dist <= 1),

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from densecontrast.distributed import unwrap_model
+from densecontrast.distributed import broadcast_, unwrap_model
 from densecontrast.engine.checkpoint import (
     export_backbone,
     gather_rng_states,
@@ -52,7 +52,7 @@ from densecontrast.engine.launch import (
     seed_everything,
     setup_for_distributed,
 )
-from densecontrast.engine.metrics import JsonlWriter, MetricLogger, TensorBoardWriter, progress_bar
+from densecontrast.engine.metrics import JsonlWriter, TensorBoardWriter, progress_bar
 from densecontrast.engine.optim import LARS, WarmupCosineScheduler, param_groups_weight_decay, scale_lr
 
 __all__ = [
@@ -343,11 +343,9 @@ class Trainer:
             self.ddp: nn.Module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
             # DDP copied rank 0's weights to every rank; the state modules (momentum target, queues)
             # were built before from per-rank seeds, so they start from rank 0's copy too.
-            import torch.distributed as dist
-
             for module in self.state.values():
                 for t in [*module.parameters(), *module.buffers()]:
-                    dist.broadcast(t.data, src=0)
+                    broadcast_(t.data, src=0)
         else:
             self.ddp = self.model
         self.global_batch = args.batch_size * dist_info.world_size
@@ -403,14 +401,11 @@ class Trainer:
 
     def broadcast_batchnorm_stats(self) -> None:
         """Copy rank 0's BatchNorm running statistics (online model and state modules) to every rank."""
-        import torch.distributed as dist
-
-        modules = [self.model, *self.state.values()]
-        for root in modules:
+        for root in [self.model, *self.state.values()]:
             for m in root.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     for buf in m.buffers(recurse=False):
-                        dist.broadcast(buf, src=0)
+                        broadcast_(buf, src=0)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore a checkpoint written by :meth:`save`."""
@@ -466,7 +461,6 @@ class Trainer:
         """
         args = self.args
         stop_at = self.total_steps if args.stop_after is None else min(self.total_steps, self.step + args.stop_after)
-        logger = MetricLogger(delimiter="  ")
         last: dict[str, float] = {}
         t_last, n_last = time.perf_counter(), 0
         print(
@@ -505,7 +499,6 @@ class Trainer:
                     values["skipped_images"] = skipped
                 if extra:
                     values.update({k: float(v) for k, v in extra.items()})
-                logger.update(**values)
                 self.last_loss = values["loss"]
                 if self.step % args.print_freq == 0 or self.step == stop_at:
                     dt = time.perf_counter() - t_last

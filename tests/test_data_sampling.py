@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from torch.utils.data import DataLoader
 
 from densecontrast.data.sampling import SeededViews, ShardedSampler, step_batches

@@ -1,4 +1,4 @@
-"""densecontrast.engine.checkpoint: atomic saves, weights-only loads with RNG state, resume resolution, export."""
+"""densecontrast.engine.checkpoint: atomic saves, weights-only loads with RNG state, training state, resume, export."""
 
 from __future__ import annotations
 
@@ -11,19 +11,20 @@ import torch
 import torchvision
 from torch import nn
 
+from densecontrast.backbones import build_backbone
 from densecontrast.engine import (
-    LARS,
-    WarmupCosineScheduler,
-    build_backbone,
-    checkpoint_path,
+    CHECKPOINT_NAME,
     export_backbone,
     load_checkpoint,
-    param_groups_weight_decay,
+    load_training_state,
     resolve_resume,
     rng_state,
     save_checkpoint,
+    save_training_state,
     set_rng_state,
 )
+from densecontrast.optim import LARS, WarmupCosineScheduler, param_groups_weight_decay
+from densecontrast.queue import MomentumQueue
 
 
 def _draw() -> tuple:
@@ -144,28 +145,43 @@ def test_resolve_resume(tmp_path) -> None:
     assert resolve_resume("auto", tmp_path) is None  # empty dir: start fresh
     assert resolve_resume("auto", tmp_path / "not-yet") is None
     assert resolve_resume("auto", None) is None
-    paths = {e: checkpoint_path(tmp_path, e) for e in (1, 2, 10)}
-    latest = checkpoint_path(tmp_path)
-    for p in [*paths.values(), latest]:
-        save_checkpoint({"p": str(p)}, p)
-    (tmp_path / ".checkpoint.pth.abc.tmp").write_bytes(b"partial")  # interrupted save
-    (tmp_path / "checkpoint_old.pth.bak").write_bytes(b"x")
-    base = 1_700_000_000
-    mtimes = {paths[1]: base + 1, paths[2]: base + 3, paths[10]: base + 2, latest: base + 3}
-    for p, t in mtimes.items():
-        os.utime(p, (t, t))
-    os.utime(tmp_path / ".checkpoint.pth.abc.tmp", (base + 9, base + 9))
-    assert resolve_resume("auto", tmp_path) == latest  # newest; ties go to checkpoint.pth
-    os.utime(paths[2], (base + 5, base + 5))
-    assert resolve_resume("auto", tmp_path) == paths[2]
-    latest.unlink()
-    os.utime(paths[10], (base + 5, base + 5))
-    assert resolve_resume("auto", tmp_path) == paths[10]  # tie between epochs: the higher epoch
-    assert resolve_resume(str(paths[1]), tmp_path) == paths[1]
+    (tmp_path / ".checkpoint.pth.abc.tmp").write_bytes(b"partial")  # interrupted save: never picked
+    assert resolve_resume("auto", tmp_path) is None
+    latest = tmp_path / CHECKPOINT_NAME
+    save_checkpoint({"step": 1}, latest)
+    assert resolve_resume("auto", tmp_path) == latest
+    other = tmp_path / "elsewhere.pth"
+    save_checkpoint({"step": 2}, other)
+    assert resolve_resume(str(other), tmp_path) == other
     with pytest.raises(FileNotFoundError, match="resume"):
         resolve_resume(str(tmp_path / "nope.pth"), tmp_path)
-    with pytest.raises(ValueError, match="epoch"):
-        checkpoint_path(tmp_path, -1)
+
+
+def test_training_state_round_trip_continues_exactly(tmp_path) -> None:
+    """save_training_state / load_training_state: same losses and weights as an uninterrupted run."""
+    torch.manual_seed(0)
+    model = _tiny_model()
+    opt = LARS(param_groups_weight_decay(model, 1e-4), lr=0.5)
+    sched = WarmupCosineScheduler(opt, total_steps=10, warmup_steps=3)
+    queue = MomentumQueue(4, 8, seed=0)
+    _train(model, opt, sched, 4)
+    queue.enqueue(torch.nn.functional.normalize(torch.randn(3, 4), dim=1))
+    objects = {"model": model, "optimizer": opt, "scheduler": sched, "queue": queue}
+    save_training_state(tmp_path / CHECKPOINT_NAME, objects, step=4, args={"lr": 0.5})
+    after = _train(model, opt, sched, 3)
+
+    model2 = _tiny_model()
+    opt2 = LARS(param_groups_weight_decay(model2, 1e-4), lr=0.5)
+    sched2 = WarmupCosineScheduler(opt2, total_steps=10, warmup_steps=3)
+    queue2 = MomentumQueue(4, 8, seed=1)
+    step = load_training_state(tmp_path / CHECKPOINT_NAME, {"model": model2, "optimizer": opt2,
+                                                            "scheduler": sched2, "queue": queue2})
+    assert step == 4
+    assert torch.equal(queue2.negatives(), queue.negatives())
+    assert _train(model2, opt2, sched2, 3) == after
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["args"] == {"lr": 0.5}
+    with pytest.raises(ValueError, match="no entry for \\['target'\\]"):
+        load_training_state(tmp_path / CHECKPOINT_NAME, {"model": model2, "target": _tiny_model()})
 
 
 def test_export_backbone_loads_into_torchvision(tmp_path) -> None:

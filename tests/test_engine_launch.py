@@ -1,9 +1,9 @@
-"""densecontrast.engine.launch: single-process fallback, print silencing, seeding, preemption signals,
-and one real 2-process gloo run through ``init_distributed`` (torchrun's environment variables)."""
+"""densecontrast.engine.launch: single-process fallback, seeding, preemption signals, and one real
+2-process gloo run through ``init_distributed`` (torchrun's environment variables): DDP wrapping,
+preemption agreement, per-rank RNG states and the collective training-state save."""
 
 from __future__ import annotations
 
-import builtins
 import os
 import random
 import signal
@@ -15,16 +15,15 @@ import torch
 import torch.multiprocessing as mp
 
 from densecontrast.engine import (
-    MetricLogger,
     PreemptionHandler,
-    SmoothedValue,
     cleanup,
     gather_rng_states,
     init_distributed,
     save_checkpoint,
+    save_training_state,
     seed_everything,
     set_rng_state,
-    setup_for_distributed,
+    wrap_ddp,
 )
 from densecontrast.engine import launch as L
 
@@ -35,13 +34,6 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS
 def no_launch_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for v in LAUNCH_VARS:
         monkeypatch.delenv(v, raising=False)
-
-
-@pytest.fixture
-def restore_print():
-    original = builtins.print
-    yield
-    builtins.print = original
 
 
 def test_init_distributed_without_env_is_single_process(no_launch_env: None) -> None:
@@ -77,17 +69,6 @@ def test_slurm_env_without_master_addr_is_single_process(no_launch_env: None, mo
         monkeypatch.setenv(v, "")  # registered for restoration; empty counts as unset
     assert L._launch_env() == (1, 4, 1)
     assert os.environ["RANK"] == "1" and os.environ["WORLD_SIZE"] == "4"
-
-
-def test_setup_for_distributed(capsys: pytest.CaptureFixture[str], restore_print: None) -> None:
-    setup_for_distributed(False)
-    print("secret")
-    print("forced", force=True)
-    assert capsys.readouterr().out == "forced\n"
-    setup_for_distributed(True)
-    print("a", "b", sep="-")
-    print("c", force=True)
-    assert capsys.readouterr().out == "a-b\nc\n"
 
 
 def _draw() -> tuple[float, list[float], list[float]]:
@@ -151,7 +132,6 @@ def test_preemption_handler_restores_on_exception_and_request_stop() -> None:
 
 # --------------------------------------------------------------------------- real 2-process run
 WORLD = 2
-SV_VALUES = {0: [(1.0, 2), (4.0, 3)], 1: [(10.0, 1), (-2.0, 5), (0.5, 1)]}  # (value, n) per rank
 
 
 def _worker(local_rank: int, port: int, tmp: str) -> None:
@@ -162,15 +142,17 @@ def _worker(local_rank: int, port: int, tmp: str) -> None:
     torch.set_num_threads(1)
     info = init_distributed(device="cpu")
     out: dict = {"info": [info.rank, info.world_size, info.local_rank, int(info.distributed), info.device.type]}
-    # SmoothedValue / MetricLogger global averages across ranks
-    sv = SmoothedValue()
-    for v, n in SV_VALUES[info.rank]:
-        sv.update(v, n=n)
-    sv.synchronize_between_processes()
-    ml = MetricLogger()
-    ml.update(loss=float(info.rank + 1))
-    ml.synchronize_between_processes()
-    out["sv"] = [sv.count, sv.total, sv.global_avg, ml.loss.global_avg]
+    # wrap_ddp: per-rank initialisations, then rank 0's online weights and state module everywhere
+    torch.manual_seed(100 + info.rank)
+    online, state_module = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ddp = wrap_ddp(online, info, state_module)
+    out["ddp"] = int(isinstance(ddp, torch.nn.parallel.DistributedDataParallel))
+    out["weights"] = torch.cat([online.weight.detach().flatten(), state_module.weight.detach().flatten()])
+    # save_training_state: BatchNorm running statistics broadcast from rank 0, rank copies written
+    bn = torch.nn.BatchNorm1d(2)
+    bn.running_mean.fill_(float(info.rank + 1))
+    save_training_state(os.path.join(tmp, "training.pth"), {"bn": bn}, step=5, rank_copy=True)
+    out["bn_mean"] = bn.running_mean.clone()
     # preemption: only rank 1 is signalled; synchronize() makes both stop
     h = PreemptionHandler()
     if info.rank == 1:
@@ -200,16 +182,16 @@ def test_two_process_gloo_run(tmp_path, no_launch_env: None) -> None:
     outs = [torch.load(tmp_path / f"out_{r}.pt", weights_only=True) for r in range(WORLD)]
     for r, o in enumerate(outs):
         assert o["info"] == [r, WORLD, r, 1, "cpu"]
-        # naive global weighted average over both ranks
-        pairs = SV_VALUES[0] + SV_VALUES[1]
-        count = sum(n for _, n in pairs)
-        total = sum(v * n for v, n in pairs)
-        assert o["sv"][:3] == pytest.approx([count, total, total / count])
-        assert o["sv"][3] == pytest.approx(1.5)
+        assert o["ddp"] == 1
+        assert torch.equal(o["weights"], outs[0]["weights"])  # rank 1 starts from rank 0's weights
+        assert torch.equal(o["bn_mean"], torch.ones(2))  # rank 0's statistics everywhere
+        assert (tmp_path / f"rank{r}.pth").is_file()
         assert o["stop"] == [int(r == 1), 1]
         assert torch.equal(o["rng"][0], o["rng"][1])  # restored own state
         assert o["saved"] == int(r == 0)
     assert not torch.equal(outs[0]["rng"][0], outs[1]["rng"][0])  # ranks draw different numbers
+    training = torch.load(tmp_path / "training.pth", weights_only=True)
+    assert training["step"] == 5 and torch.equal(training["bn"]["running_mean"], torch.ones(2))
     ckpt = torch.load(tmp_path / "ckpt.pth", weights_only=True)
     assert len(ckpt["rng"]["per_rank"]) == WORLD
     # a single process cannot adopt a 2-rank RNG state

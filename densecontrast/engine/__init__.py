@@ -1,75 +1,74 @@
-"""Training-loop infrastructure shared by the reference scripts: launch, logging, checkpoints, optimizers.
+"""Small helpers the reference scripts' training loops call: launch, command line, checkpoints, logging.
 
-Modelled on the helpers of torchvision's classification reference scripts, packaged so that each
-``examples/<method>/train.py`` stays short. See ``docs/training.md`` for how the pieces fit.
+No trainer to subclass and no callbacks: each ``examples/<method>/train.py`` writes its loop out
+and calls these plain functions and small objects. See ``docs/training.md``.
 
-* :mod:`~densecontrast.engine.launch`: ``init_distributed``, ``setup_for_distributed``,
-  ``seed_everything``, ``PreemptionHandler``, ``cleanup``.
-* :mod:`~densecontrast.engine.metrics`: ``SmoothedValue``, ``MetricLogger``, ``JsonlWriter``,
-  ``TensorBoardWriter``, ``progress_bar``.
+* :mod:`~densecontrast.engine.launch`: ``init_distributed`` (torchrun / SLURM), ``seed_everything``,
+  ``wrap_ddp``, ``PreemptionHandler``, ``cleanup``.
+* :mod:`~densecontrast.engine.cli`: ``add_common_args``, ``parse_with_presets``, ``start_run``,
+  ``build_pretraining_loader``, ``schedule_length``, ``checkpointable_args``, ``AMP_DTYPES``.
 * :mod:`~densecontrast.engine.checkpoint`: atomic ``save_checkpoint``, weights-only
-  ``load_checkpoint``, ``rng_state`` / ``set_rng_state``, ``resolve_resume``, ``export_backbone``.
-* :mod:`~densecontrast.engine.optim`: ``LARS``, ``param_groups_weight_decay``, ``scale_lr``,
-  ``WarmupCosineScheduler``.
-* :mod:`~densecontrast.engine.backbones`: ``build_backbone`` (ResNets, ``TinyConvNet``),
-  ``convert_sync_batchnorm``.
+  ``load_checkpoint``, ``save_training_state`` / ``load_training_state``, ``resolve_resume``,
+  RNG states, ``export_backbone``.
+* :mod:`~densecontrast.engine.run_log`: ``RunLog`` (console, progress bar, JSON lines, TensorBoard).
 """
 
-from densecontrast.distributed import unwrap_model
-from densecontrast.engine.backbones import BACKBONES, ResNetTrunk, TinyConvNet, build_backbone, convert_sync_batchnorm
 from densecontrast.engine.checkpoint import (
-    checkpoint_path,
+    CHECKPOINT_NAME,
     export_backbone,
     gather_rng_states,
     load_checkpoint,
+    load_training_state,
     resolve_resume,
     rng_state,
     save_checkpoint,
-    save_on_main,
+    save_training_state,
     set_rng_state,
+)
+from densecontrast.engine.cli import (
+    AMP_DTYPES,
+    add_common_args,
+    build_pretraining_loader,
+    checkpointable_args,
+    parse_with_presets,
+    schedule_length,
+    skipped_images,
+    start_run,
 )
 from densecontrast.engine.launch import (
     DistInfo,
     PreemptionHandler,
     cleanup,
     init_distributed,
-    is_main_process,
     seed_everything,
-    setup_for_distributed,
+    wrap_ddp,
 )
-from densecontrast.engine.metrics import JsonlWriter, MetricLogger, SmoothedValue, TensorBoardWriter, progress_bar
-from densecontrast.engine.optim import LARS, WarmupCosineScheduler, param_groups_weight_decay, scale_lr
+from densecontrast.engine.run_log import RunLog
 
 __all__ = [
-    "BACKBONES",
-    "LARS",
+    "AMP_DTYPES",
+    "CHECKPOINT_NAME",
     "DistInfo",
-    "JsonlWriter",
-    "MetricLogger",
     "PreemptionHandler",
-    "ResNetTrunk",
-    "SmoothedValue",
-    "TensorBoardWriter",
-    "TinyConvNet",
-    "WarmupCosineScheduler",
-    "build_backbone",
-    "checkpoint_path",
+    "RunLog",
+    "add_common_args",
+    "build_pretraining_loader",
+    "checkpointable_args",
     "cleanup",
-    "convert_sync_batchnorm",
     "export_backbone",
     "gather_rng_states",
     "init_distributed",
-    "is_main_process",
     "load_checkpoint",
-    "param_groups_weight_decay",
-    "progress_bar",
+    "load_training_state",
+    "parse_with_presets",
     "resolve_resume",
     "rng_state",
     "save_checkpoint",
-    "save_on_main",
-    "scale_lr",
+    "save_training_state",
+    "schedule_length",
     "seed_everything",
     "set_rng_state",
-    "setup_for_distributed",
-    "unwrap_model",
+    "skipped_images",
+    "start_run",
+    "wrap_ddp",
 ]

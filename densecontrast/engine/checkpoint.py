@@ -6,16 +6,18 @@
   only tensors, numbers, strings, ``None`` and dicts / lists / tuples of them. ``state_dict()``
   of modules, optimizers, LR schedulers, ``GradScaler`` and densecontrast queues qualify;
   :func:`rng_state` turns the random generators' states into that form.
-* :func:`resolve_resume` implements ``--resume auto``; :func:`export_backbone` writes the
-  backbone in torchvision's key layout for downstream fine-tuning.
+* :func:`save_training_state` / :func:`load_training_state` save and restore everything a
+  training loop needs to continue bit-exactly (every ``state_dict``, the step, every rank's
+  random generators, the arguments); :func:`resolve_resume` implements ``--resume auto``.
+* :func:`export_backbone` writes the backbone in torchvision's key layout for fine-tuning.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,14 +29,15 @@ from torch import nn
 from densecontrast.distributed import is_distributed, rank, unwrap_model, world_size
 
 __all__ = [
-    "checkpoint_path",
+    "CHECKPOINT_NAME",
     "export_backbone",
     "gather_rng_states",
     "load_checkpoint",
+    "load_training_state",
     "resolve_resume",
     "rng_state",
     "save_checkpoint",
-    "save_on_main",
+    "save_training_state",
     "set_rng_state",
 ]
 
@@ -123,17 +126,6 @@ def save_checkpoint(
     return True
 
 
-def save_on_main(state: Mapping[str, Any], path: str | os.PathLike[str]) -> bool:
-    """``save_checkpoint(state, path, main_only=True)``: the torchvision ``save_on_master`` idiom.
-
-    Examples:
-        >>> import tempfile, os
-        >>> save_on_main({"epoch": 0}, os.path.join(tempfile.mkdtemp(), "c.pth"))
-        True
-    """
-    return save_checkpoint(state, path, main_only=True)
-
-
 def _fsync_dir(directory: Path) -> None:
     """Persist the rename itself (POSIX); best effort elsewhere."""
     try:
@@ -174,67 +166,38 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def checkpoint_path(output_dir: str | os.PathLike[str], epoch: int | None = None) -> Path:
-    """The conventional file name: ``checkpoint.pth`` (latest) or ``checkpoint_{epoch:04d}.pth``.
-
-    Examples:
-        >>> checkpoint_path("runs/x", 7).name, checkpoint_path("runs/x").name
-        ('checkpoint_0007.pth', 'checkpoint.pth')
-    """
-    if epoch is None:
-        return Path(output_dir) / "checkpoint.pth"
-    if epoch < 0:
-        raise ValueError(f"epoch must be >= 0, but got {epoch}")
-    return Path(output_dir) / f"checkpoint_{epoch:04d}.pth"
-
-
-_CKPT_RE = re.compile(r"^checkpoint(?:_(\d+))?\.pth$")
+CHECKPOINT_NAME = "checkpoint.pth"
+"""The file name of a run's checkpoint inside its output directory (overwritten atomically)."""
 
 
 def resolve_resume(resume: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None) -> Path | None:
     """Turn a ``--resume`` argument into a checkpoint path, or ``None`` to start fresh.
 
     * ``None`` or ``""``: start fresh.
-    * ``"auto"``: the most recently written ``checkpoint.pth`` / ``checkpoint_NNNN.pth`` in
-      ``output_dir`` (ties: ``checkpoint.pth``, then the highest epoch), or ``None`` when there
-      is none. Temporary files of an interrupted save are ignored. This makes a requeued job
-      resume where the preempted one stopped, and a first run start from scratch, with the same
-      command line.
+    * ``"auto"``: ``<output_dir>/checkpoint.pth`` if it exists, else ``None``. A requeued job
+      resumes where the preempted one stopped, and a first run starts from scratch, with the
+      same command line. Temporary files of an interrupted save are never picked.
     * anything else: that path, which must exist.
-
-    Args:
-        resume: ``None``, ``""``, ``"auto"`` or a path.
-        output_dir: the run directory searched by ``"auto"``.
-
-    Returns:
-        The path to load, or ``None``.
 
     Raises:
         FileNotFoundError: if an explicit path does not exist.
 
     Examples:
-        >>> import tempfile
+        >>> import tempfile, os
         >>> d = tempfile.mkdtemp()
         >>> resolve_resume("auto", d) is None
         True
-        >>> _ = save_checkpoint({"epoch": 0}, checkpoint_path(d))
+        >>> _ = save_checkpoint({"step": 0}, os.path.join(d, CHECKPOINT_NAME))
         >>> resolve_resume("auto", d).name
         'checkpoint.pth'
     """
     if resume is None or str(resume) == "":
         return None
     if str(resume) == "auto":
-        if output_dir is None or not Path(output_dir).is_dir():
+        if output_dir is None:
             return None
-        found: list[tuple[int, int, int, Path]] = []
-        for p in Path(output_dir).iterdir():
-            m = _CKPT_RE.match(p.name)
-            if m is None or not p.is_file():
-                continue
-            is_latest = 1 if m.group(1) is None else 0
-            epoch = int(m.group(1)) if m.group(1) is not None else -1
-            found.append((p.stat().st_mtime_ns, is_latest, epoch, p))
-        return max(found)[3] if found else None
+        path = Path(output_dir) / CHECKPOINT_NAME
+        return path if path.is_file() else None
     path = Path(resume)
     if not path.is_file():
         raise FileNotFoundError(f"resume must be None, '', 'auto' or an existing checkpoint file, but {path} not found")
@@ -358,6 +321,98 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         )
 
 
+# --------------------------------------------------------------------------- training state
+
+
+def _broadcast_batchnorm_stats(modules: list[nn.Module]) -> None:
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                for buf in m.buffers(recurse=False):
+                    dist.broadcast(buf, src=0)
+
+
+def save_training_state(
+    path: str | os.PathLike[str],
+    objects: Mapping[str, Any],
+    *,
+    step: int,
+    args: Mapping[str, Any] | None = None,
+    rank_copy: bool = False,
+) -> None:
+    """Checkpoint a training loop: every object's ``state_dict``, the step, all ranks' RNG states, the arguments.
+
+    A collective when distributed: call it on **every** rank at the same step; rank 0 writes
+    ``path`` atomically (:func:`save_checkpoint`). BatchNorm running statistics are per process
+    unless SyncBatchNorm is used: they are first broadcast from rank 0 — what DDP also does at
+    every forward (``broadcast_buffers``) — so every rank continues from the checkpointed ones.
+
+    Args:
+        path: the checkpoint file (conventionally ``<output_dir>/checkpoint.pth``).
+        objects: name -> anything with ``state_dict()`` / ``load_state_dict()`` (online model,
+            momentum target, queues, optimiser, LR scheduler, ``GradScaler``). DDP / compile
+            wrappers are unwrapped.
+        step: the number of optimiser steps done.
+        args: the run's arguments as primitives (``checkpointable_args``), stored under ``"args"``.
+        rank_copy: also write ``rank<r>.pth`` (states without RNG and arguments) next to ``path``
+            on every rank, to check that DDP ranks agree.
+
+    Examples:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "checkpoint.pth")
+        >>> net = nn.Linear(2, 2)
+        >>> save_training_state(p, {"model": net}, step=3)
+        >>> load_training_state(p, {"model": nn.Linear(2, 2)})
+        3
+    """
+    modules = [unwrap_model(o) for o in objects.values() if isinstance(o, nn.Module)]
+    if is_distributed():
+        _broadcast_batchnorm_stats(modules)
+    state: dict[str, Any] = {
+        name: (unwrap_model(obj) if isinstance(obj, nn.Module) else obj).state_dict() for name, obj in objects.items()
+    }
+    state["step"] = int(step)
+    state["rng"] = gather_rng_states()  # a collective: every rank's generators, restored per rank
+    if args is not None:
+        state["args"] = dict(args)
+    save_checkpoint(state, path)
+    if rank_copy:
+        per_rank = {k: v for k, v in state.items() if k not in ("rng", "args")}
+        torch.save(per_rank, Path(path).parent / f"rank{rank()}.pth")
+
+
+def load_training_state(
+    path: str | os.PathLike[str],
+    objects: Mapping[str, Any],
+    map_location: str | torch.device | None = "cpu",
+) -> int:
+    """Restore a :func:`save_training_state` checkpoint into ``objects``; returns the step to continue from.
+
+    Every process loads the same file. RNG states are restored per rank; when the checkpoint was
+    written by a different number of processes they cannot be (a warning says so) and the
+    generators are re-seeded from the step instead, so no two ranks share a stream.
+
+    Raises:
+        ValueError: if the checkpoint lacks an entry named in ``objects``.
+    """
+    ckpt = load_checkpoint(path, map_location=map_location)
+    missing = sorted(name for name in objects if name not in ckpt)
+    if missing:
+        raise ValueError(f"checkpoint {path} has no entry for {missing}; it holds {sorted(ckpt)}")
+    for name, obj in objects.items():
+        (unwrap_model(obj) if isinstance(obj, nn.Module) else obj).load_state_dict(ckpt[name])
+    step = int(ckpt["step"])
+    if "rng" in ckpt:
+        try:
+            set_rng_state(ckpt["rng"])
+        except ValueError as err:  # resumed on a different number of processes
+            warnings.warn(f"not restoring RNG states ({err}); re-seeding from the step instead", stacklevel=2)
+            seed = (torch.initial_seed() + 1_000_003 * step) % 2**31
+            random.seed(seed)
+            torch.manual_seed(seed)
+    return step
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -412,7 +467,7 @@ def export_backbone(
 
     Examples:
         >>> import tempfile, os, torchvision
-        >>> from densecontrast.engine import build_backbone
+        >>> from densecontrast.backbones import build_backbone
         >>> net, _ = build_backbone("resnet18")
         >>> p = os.path.join(tempfile.mkdtemp(), "backbone.pth")
         >>> export_backbone(net, p, arch="resnet18")

@@ -1,14 +1,14 @@
-"""Process launch helpers: distributed initialisation, per-rank seeding, quiet non-main ranks, preemption.
+"""Process launch helpers: distributed initialisation, per-rank seeding, DDP wrapping, preemption.
 
 A reference script calls these in this order::
 
     info = init_distributed()                 # reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK
-    setup_for_distributed(info.is_main)       # print() only on rank 0 (force=True escapes)
     seed_everything(args.seed, info.rank)     # different augmentations per rank, reproducible
+    model = wrap_ddp(online, info, target)    # DDP; rank 0's target / queues copied to every rank
     with PreemptionHandler() as preempt:      # SIGTERM / SIGUSR1 -> preempt.should_stop
-        for epoch in ...:
+        for step, batch in ...:
             ...
-            if preempt.should_stop: save a checkpoint, break
+            if preempt.synchronize(info.device): save a checkpoint, break
     cleanup()
 
 Everything degrades to a single process on the CPU (or the one GPU) when the script is started
@@ -19,7 +19,6 @@ Rank and world-size queries come from :mod:`densecontrast.distributed`.
 
 from __future__ import annotations
 
-import builtins
 import inspect
 import os
 import random
@@ -34,29 +33,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from densecontrast.distributed import is_distributed
-from densecontrast.distributed import rank as _rank
+from densecontrast.distributed import broadcast_, is_distributed
 
 __all__ = [
     "DistInfo",
     "PreemptionHandler",
     "cleanup",
     "init_distributed",
-    "is_main_process",
     "seed_everything",
-    "setup_for_distributed",
+    "wrap_ddp",
 ]
-
-
-def is_main_process() -> bool:
-    """``True`` on rank 0 (and in a single-process run).
-
-    Examples:
-        >>> is_main_process()
-        True
-    """
-    return _rank() == 0
 
 
 @dataclass(frozen=True)
@@ -190,38 +178,6 @@ def _pick_device(device: str | torch.device | None, local_rank: int) -> torch.de
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-_BUILTIN_PRINT = builtins.print
-
-
-def setup_for_distributed(is_main: bool) -> None:
-    """Silence ``print`` on every process but the main one.
-
-    Replaces :func:`builtins.print` by a wrapper that prints only when ``is_main`` is true,
-    or when the call passes ``force=True`` (``print("rank 3 sees NaN", force=True)``).
-    Calling it again replaces the previous wrapper; ``setup_for_distributed(True)`` on every
-    rank restores normal printing.
-
-    Args:
-        is_main: whether this process should print.
-
-    Examples:
-        >>> setup_for_distributed(False)
-        >>> print("hidden")
-        >>> print("shown", force=True)
-        shown
-        >>> setup_for_distributed(True)
-        >>> print("visible again")
-        visible again
-    """
-
-    def _print(*args: Any, force: bool = False, **kwargs: Any) -> None:
-        if is_main or force:
-            _BUILTIN_PRINT(*args, **kwargs)
-
-    # Keep `force` accepted on the main rank too, so scripts need no branch.
-    builtins.print = _print  # type: ignore[assignment]
 
 
 def seed_everything(seed: int, rank: int = 0) -> int:
@@ -395,3 +351,33 @@ def cleanup() -> None:
     """
     if is_distributed():
         dist.destroy_process_group()
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, *state_modules: nn.Module) -> nn.Module:
+    """Wrap ``model`` in ``DistributedDataParallel`` when distributed; start ``state_modules`` from rank 0.
+
+    DDP copies rank 0's weights to every rank. The other stateful modules of a method (momentum
+    target, queues), built before from per-rank seeds, are broadcast from rank 0 here so that all
+    ranks start identical. Without a process group ``model`` is returned unchanged.
+
+    Args:
+        model: the online (trained) network, already on ``info.device``.
+        info: from :func:`init_distributed`.
+        *state_modules: modules not trained by the optimiser whose parameters and buffers must
+            agree across ranks.
+
+    Returns:
+        The module to call in the training loop (DDP-wrapped or ``model`` itself).
+
+    Examples:
+        >>> net = nn.Linear(2, 2)
+        >>> wrap_ddp(net, init_distributed(device="cpu")) is net
+        True
+    """
+    if not info.distributed:
+        return model
+    for module in state_modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            broadcast_(t.data, src=0)
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -1,4 +1,4 @@
-"""Live matching diagnostics and the end-of-run report of the reference scripts.
+"""Live matching diagnostics and the end-of-run report of the reference scripts (explicit arguments, no run object).
 
 * :func:`true_cell_agreement`: for a similarity matcher, the fraction of in-view queries whose
   matched key cell lies within one cell (Chebyshev) of the true correspondence known from the
@@ -11,17 +11,18 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from densecontrast.eval.correspondence import cell_distance
 from densecontrast.geometry import ViewGeometry
-from densecontrast.matching import Matches, nearest_coordinate_match
+from densecontrast.matching import Matches, cell_distance, nearest_coordinate_match
 
-__all__ = ["final_report", "true_cell_agreement"]
+__all__ = ["final_report", "report_line", "true_cell_agreement"]
 
 
 def true_cell_agreement(
@@ -63,95 +64,126 @@ def true_cell_agreement(
 
 
 def final_report(
-    trainer: Any,
     backbone: nn.Module,
-    transform: Callable[[Any], Any],
-    match_fn: Callable[[Tensor, Tensor, ViewGeometry, ViewGeometry], Matches] | None = None,
     *,
+    arch: str,
+    output_dir: str | os.PathLike[str],
+    image_size: int,
+    num_classes: int,
+    view_size: int,
+    seed: int,
+    steps: int,
+    final_loss: float,
+    transform: Callable[[Any], Any] | None = None,
+    match_fn: Callable[[Tensor, Tensor, ViewGeometry, ViewGeometry], Matches] | None = None,
+    device: torch.device | str | None = None,
     num_images: int = 64,
-) -> dict[str, Any] | None:
-    """Evaluate and draw the trained backbone (rank 0 only; returns None elsewhere).
+) -> dict[str, Any]:
+    """Evaluate and draw a trained backbone: correspondence accuracy against random init, loss curves, matches.
+
+    The trained backbone and a random-init one of the same architecture (seeded with ``seed + 1``)
+    are scored with :func:`~densecontrast.eval.correspondence.correspondence_accuracy` on
+    ``num_images`` held-out synthetic scenes (seed ``seed + 10000``), in ``"flip"`` and ``"crop"``
+    mode. With matplotlib installed it also writes ``loss.png`` (from ``metrics.jsonl``) and
+    ``matches.png`` (``match_fn`` on two views made by ``transform``). Call it on one process.
 
     Args:
-        trainer: the :class:`~densecontrast.engine.trainer.Trainer` that ran.
-        backbone: the trained backbone (``(B, 3, H, W) -> (B, C, h, w)``).
-        transform: the multi-view transform used in training (for the match picture).
+        backbone: the trained backbone ``(B, 3, H, W) -> (B, C, h, w)``.
+        arch: its :func:`~densecontrast.backbones.build_backbone` name (for the random-init baseline).
+        output_dir: the run directory (holds ``metrics.jsonl``; receives ``report.json`` and pictures).
+        image_size: side of the held-out synthetic scenes.
+        num_classes: object classes of the scenes.
+        view_size: side of the evaluation views (the training crop size).
+        seed: the run's seed.
+        steps: optimiser steps done (recorded).
+        final_loss: the last logged loss (recorded).
+        transform: the training multi-view transform, for ``matches.png`` (no picture when ``None``).
         match_fn: ``(query_feats, key_feats, query_geometry, key_geometry) -> Matches`` of the
             method, drawn in ``matches.png`` (default: nearest coordinate match).
-        num_images: held-out synthetic images for the correspondence accuracy.
+        device: where to evaluate (default: the backbone's device).
+        num_images: held-out images for the correspondence accuracy.
 
     Returns:
         The report dict also written to ``<output_dir>/report.json``.
     """
+    from densecontrast.backbones import backbone_device, build_backbone
     from densecontrast.data.synthetic import SyntheticScenes
-    from densecontrast.engine.backbones import build_backbone
     from densecontrast.eval.correspondence import correspondence_accuracy
 
-    if not trainer.dist.is_main:
-        return None
-    args = trainer.args
-    out_dir = trainer.output_dir
-    device = trainer.device
-    held_out = SyntheticScenes(num_images=num_images, image_size=args.image_size, num_classes=args.num_classes,
-                               seed=args.seed + 10_000, return_mask=False)
+    out_dir = Path(output_dir)
+    device = backbone_device(backbone, device)
+    held_out = SyntheticScenes(num_images=num_images, image_size=image_size, num_classes=num_classes,
+                               seed=seed + 10_000, return_mask=False)
     images = torch.stack([held_out[i] for i in range(len(held_out))])
-    torch.manual_seed(args.seed + 1)
-    random_backbone, _ = build_backbone(args.arch)
+    torch.manual_seed(seed + 1)
+    random_backbone, _ = build_backbone(arch)
     random_backbone.to(device)
-    report: dict[str, Any] = {"method": out_dir.name, "steps": trainer.step, "final_loss": trainer.last_loss}
+    report: dict[str, Any] = {"method": out_dir.name, "steps": steps, "final_loss": final_loss}
     for name, net in (("trained", backbone), ("random_init", random_backbone)):
         for mode in ("flip", "crop"):
             acc = correspondence_accuracy(
-                net, images, mode=mode, view_size=args.crop_size, generator=torch.Generator().manual_seed(0),
+                net, images, mode=mode, view_size=view_size, generator=torch.Generator().manual_seed(0),
                 device=device,
             )
             report[f"{name}_{mode}_exact"] = acc["exact"]
             report[f"{name}_{mode}_within_one"] = acc["within_one"]
-    try:
-        _pictures(trainer, backbone, transform, held_out, match_fn)
-        report["pictures"] = ["loss.png", "matches.png"]
-    except ImportError:  # matplotlib is optional
-        report["pictures"] = []
+    report["pictures"] = _pictures(out_dir, backbone, transform, held_out, match_fn, device)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    print(
+    return report
+
+
+def report_line(report: dict[str, Any]) -> str:
+    """The one-line summary of :func:`final_report` that the scripts print last.
+
+    Examples:
+        >>> r = {"trained_crop_within_one": 0.5, "random_init_crop_within_one": 0.4,
+        ...      "trained_flip_exact": 0.2, "random_init_flip_exact": 0.1}
+        >>> report_line(r)
+        'correspondence accuracy (crop mode, within one cell): trained 0.500 vs random init 0.400; flip mode ...'
+    """
+    return (
         "correspondence accuracy (crop mode, within one cell): "
         f"trained {report['trained_crop_within_one']:.3f} vs random init {report['random_init_crop_within_one']:.3f}; "
         f"flip mode exact: trained {report['trained_flip_exact']:.3f} vs random init "
         f"{report['random_init_flip_exact']:.3f}"
     )
-    return report
 
 
 def _pictures(
-    trainer: Any,
+    out_dir: Path,
     backbone: nn.Module,
-    transform: Callable[[Any], Any],
+    transform: Callable[[Any], Any] | None,
     dataset: Any,
     match_fn: Callable[[Tensor, Tensor, ViewGeometry, ViewGeometry], Matches] | None,
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    device: torch.device,
+) -> list[str]:
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("pictures skipped: install matplotlib (pip install 'densecontrast[viz]')")
+        return []
     from densecontrast.viz import plot_matches, plot_training
 
-    out_dir = trainer.output_dir
-    fig = plot_training(out_dir / "metrics.jsonl", save=out_dir / "loss.png")
-    plt.close(fig)
-    torch.manual_seed(0)
-    views, geoms = transform(dataset[0])[:2]
+    written = []
+    if (out_dir / "metrics.jsonl").is_file():
+        plt.close(plot_training(out_dir / "metrics.jsonl", save=out_dir / "loss.png"))
+        written.append("loss.png")
+    if transform is None:
+        return written
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        views, geoms = transform(dataset[0])
     was_training = backbone.training
     backbone.eval()
     with torch.no_grad():
-        f1 = backbone(views[0][None].to(trainer.device))
-        f2 = backbone(views[1][None].to(trainer.device))
+        f1 = backbone(views[0][None].to(device))
+        f2 = backbone(views[1][None].to(device))
     backbone.train(was_training)
-    g1, g2 = geoms[0].to(trainer.device), geoms[1].to(trainer.device)
+    g1, g2 = geoms[0].to(device), geoms[1].to(device)
     if match_fn is None:
         m = nearest_coordinate_match(g1, g2, tuple(f1.shape[-2:]), tuple(f2.shape[-2:]))
     else:
         m = match_fn(f1, f2, g1, g2)
-    fig = plot_matches(views[0], views[1], m, query_shape=tuple(f1.shape[-2:]),
-                       save=out_dir / "matches.png")
-    plt.close(fig)
+    plt.close(plot_matches(views[0], views[1], m, query_shape=tuple(f1.shape[-2:]), save=out_dir / "matches.png"))
+    written.append("matches.png")
+    return written

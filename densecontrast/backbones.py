@@ -14,12 +14,13 @@ Every stride-2 layer uses padding so that an input of ``H x W`` gives a map of
 ``ceil(H / stride) x ceil(W / stride)`` (a 96-px demo view gives 3 x 3 with ResNets and
 12 x 12 with ``tiny``). The ResNets are torchvision's, randomly initialised (never
 downloaded), with ``avgpool`` and ``fc`` removed; their ``state_dict`` keys are torchvision's,
-so :func:`densecontrast.engine.export_backbone` output loads into ``torchvision.models``.
+so :func:`densecontrast.engine.checkpoint.export_backbone` output loads into ``torchvision.models``.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,7 +30,18 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # torchvision is imported lazily: it doubles the import time of the package
     import torchvision
 
-__all__ = ["BACKBONES", "ResNetTrunk", "TinyConvNet", "build_backbone", "convert_sync_batchnorm"]
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "ResNetTrunk",
+    "TinyConvNet",
+    "backbone_device",
+    "build_backbone",
+    "check_torchvision_keys",
+    "convert_sync_batchnorm",
+    "extract_features",
+    "plain_state_dict",
+]
 
 BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "tiny")
 """Names accepted by :func:`build_backbone`."""
@@ -208,3 +220,105 @@ def convert_sync_batchnorm(model: nn.Module, enabled: bool | None = None) -> nn.
             warnings.warn("SyncBatchNorm needs CUDA devices; keeping per-process BatchNorm on the CPU", stacklevel=2)
             return model
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if enabled else model
+
+
+Backbone = nn.Module | Callable[[Tensor], Any]
+"""Anything mapping images ``(B, 3, H, W)`` to a feature map ``(B, C, h, w)`` (or a tuple/dict ending in one)."""
+
+
+def extract_features(backbone: Backbone, x: Tensor, normalize: bool = True) -> Tensor:
+    """Run ``backbone`` on a ``(B, 3, H, W)`` ``[0, 1]`` batch and return its ``(B, C, h, w)`` feature map.
+
+    A backbone returning a tuple/list uses its last element; a dict uses ``"out"`` (torchvision
+    ``IntermediateLayerGetter`` style) or its last value.
+
+    Examples:
+        >>> extract_features(nn.Conv2d(3, 5, 4, stride=4), torch.rand(2, 3, 16, 16)).shape
+        torch.Size([2, 5, 4, 4])
+    """
+    if normalize:
+        from densecontrast.transforms import IMAGENET_MEAN, IMAGENET_STD  # torchvision, imported lazily
+
+        mean = x.new_tensor(IMAGENET_MEAN)[:, None, None]
+        std = x.new_tensor(IMAGENET_STD)[:, None, None]
+        x = (x - mean) / std
+    out = backbone(x)
+    if isinstance(out, dict):
+        out = out["out"] if "out" in out else list(out.values())[-1]
+    if isinstance(out, (tuple, list)):
+        out = out[-1]
+    if not isinstance(out, Tensor) or out.dim() != 4:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"backbone must return a (B, C, h, w) feature map, but returned {got}")
+    return out
+
+
+def backbone_device(backbone: Backbone, device: torch.device | str | None) -> torch.device:
+    """The device of ``backbone``'s first parameter (or ``device`` when given; the CPU for a plain callable).
+
+    Examples:
+        >>> backbone_device(nn.Conv2d(3, 4, 1), None)
+        device(type='cpu')
+    """
+    if device is not None:
+        return torch.device(device)
+    if isinstance(backbone, nn.Module):
+        p = next(iter(backbone.parameters()), None)
+        if p is not None:
+            return p.device
+    return torch.device("cpu")
+
+
+def plain_state_dict(backbone: nn.Module | Mapping[str, Any]) -> dict[str, Tensor]:
+    """A backbone's tensors on the CPU without ``module.`` / ``_orig_mod.`` prefixes (DDP, ``torch.compile``).
+
+    Args:
+        backbone: a module (possibly wrapped) or a state dict; non-tensor entries are dropped.
+
+    Examples:
+        >>> net = nn.Conv2d(3, 4, 1)
+        >>> sorted(plain_state_dict(nn.parallel.DataParallel(net)))
+        ['bias', 'weight']
+    """
+    if isinstance(backbone, nn.Module):
+        backbone = backbone.state_dict()
+    if not isinstance(backbone, Mapping):
+        raise ValueError(f"backbone must be an nn.Module or a state dict, but got {type(backbone).__name__}")
+    out = {}
+    for k, v in backbone.items():
+        for pre in ("module.", "_orig_mod."):
+            while k.startswith(pre):
+                k = k[len(pre) :]
+        if isinstance(v, Tensor):
+            out[k] = v.detach().cpu()
+    return out
+
+
+def check_torchvision_keys(state_dict: Mapping[str, Tensor], arch: str) -> None:
+    """Check that ``state_dict`` loads into ``torchvision.models.<arch>()`` with only ``fc.*`` missing.
+
+    The reference model is built on the meta device (shapes only: no memory, no download). Names
+    that are not torchvision models (e.g. ``"tiny"``) pass without a check.
+
+    Raises:
+        ValueError: naming the unexpected, missing and mis-shaped keys (first 5 of each).
+
+    Examples:
+        >>> check_torchvision_keys(plain_state_dict(build_backbone("resnet18")[0]), "resnet18")
+    """
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(arch)
+    except ValueError:
+        return  # not a torchvision model name: nothing to compare against
+    with torch.device("meta"):
+        ref = builder(weights=None).state_dict()
+    unexpected = sorted(set(state_dict) - set(ref))
+    missing = sorted(k for k in set(ref) - set(state_dict) if not k.startswith("fc."))
+    bad_shape = sorted(k for k in set(state_dict) & set(ref) if tuple(state_dict[k].shape) != tuple(ref[k].shape))
+    if unexpected or missing or bad_shape:
+        raise ValueError(
+            f"backbone does not match torchvision.models.{arch}: unexpected keys {unexpected[:5]}, "
+            f"missing keys {missing[:5]}, shape mismatches {bad_shape[:5]} (first 5 of each shown)"
+        )

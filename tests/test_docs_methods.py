@@ -31,16 +31,6 @@ def test_every_method_page_has_a_snippet() -> None:
         assert python_blocks(DOCS / name), f"docs/methods/{name} has no ```python block"
 
 
-def test_snippet_core_is_short() -> None:
-    # The training loop (from the first top-level ``for`` to the end of the block) is the core: 10-20 lines.
-    for name in METHOD_PAGES:
-        block = python_blocks(DOCS / name)[0]
-        lines = block.splitlines()
-        start = next(i for i, line in enumerate(lines) if line.startswith("for "))
-        core = [line for line in lines[start:] if line.strip() and not line.strip().startswith("#")]
-        assert 10 <= len(core) <= 20, f"{name}: the loop has {len(core)} lines"
-
-
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: p.stem)
 def test_snippets_run_and_give_a_finite_loss(page: Path) -> None:
     threads = torch.get_num_threads()

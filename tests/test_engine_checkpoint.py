@@ -18,13 +18,12 @@ from densecontrast.engine import (
     load_checkpoint,
     load_training_state,
     resolve_resume,
-    rng_state,
     save_checkpoint,
     save_training_state,
-    set_rng_state,
 )
 from densecontrast.optim import LARS, WarmupCosineScheduler, param_groups_weight_decay
 from densecontrast.queue import MomentumQueue
+from densecontrast.random_state import rng_state, set_rng_state
 
 
 def _draw() -> tuple:

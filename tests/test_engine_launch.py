@@ -17,15 +17,13 @@ import torch.multiprocessing as mp
 from densecontrast.engine import (
     PreemptionHandler,
     cleanup,
-    gather_rng_states,
     init_distributed,
     save_checkpoint,
     save_training_state,
-    seed_everything,
-    set_rng_state,
     wrap_ddp,
 )
 from densecontrast.engine import launch as L
+from densecontrast.random_state import gather_rng_states, seed_everything, set_rng_state
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR")
 

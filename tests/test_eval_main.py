@@ -10,7 +10,8 @@ import torch
 import torchvision
 
 import densecontrast.eval.__main__ as cli
-from densecontrast.engine import build_backbone, export_backbone
+from densecontrast.backbones import build_backbone
+from densecontrast.engine import export_backbone
 
 
 @pytest.fixture(autouse=True)

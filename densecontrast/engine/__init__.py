@@ -1,29 +1,18 @@
-"""Small helpers the reference scripts' training loops call: launch, command line, checkpoints, logging.
+"""Small helpers the reference scripts' loops call: launch, command line, checkpoints, logging (``docs/training.md``).
 
-No trainer to subclass and no callbacks: each ``examples/<method>/train.py`` writes its loop out
-and calls these plain functions and small objects. See ``docs/training.md``.
-
-* :mod:`~densecontrast.engine.launch`: ``init_distributed`` (torchrun / SLURM), ``seed_everything``,
-  ``wrap_ddp``, ``PreemptionHandler``, ``cleanup``.
-* :mod:`~densecontrast.engine.cli`: ``add_common_args``, ``parse_with_presets``, ``start_run``,
-  ``build_pretraining_loader``, ``schedule_length``, ``checkpointable_args``, ``AMP_DTYPES``.
-* :mod:`~densecontrast.engine.checkpoint`: atomic ``save_checkpoint``, weights-only
-  ``load_checkpoint``, ``save_training_state`` / ``load_training_state``, ``resolve_resume``,
-  RNG states, ``export_backbone``.
-* :mod:`~densecontrast.engine.run_log`: ``RunLog`` (console, progress bar, JSON lines, TensorBoard).
+No trainer to subclass and no callbacks: each ``examples/<method>/train.py`` writes its loop out.
+Modules: :mod:`~densecontrast.engine.launch`, :mod:`~densecontrast.engine.cli`,
+:mod:`~densecontrast.engine.checkpoint`, :mod:`~densecontrast.engine.run_log`.
 """
 
 from densecontrast.engine.checkpoint import (
     CHECKPOINT_NAME,
     export_backbone,
-    gather_rng_states,
     load_checkpoint,
     load_training_state,
     resolve_resume,
-    rng_state,
     save_checkpoint,
     save_training_state,
-    set_rng_state,
 )
 from densecontrast.engine.cli import (
     AMP_DTYPES,
@@ -40,7 +29,6 @@ from densecontrast.engine.launch import (
     PreemptionHandler,
     cleanup,
     init_distributed,
-    seed_everything,
     wrap_ddp,
 )
 from densecontrast.engine.run_log import RunLog
@@ -56,18 +44,14 @@ __all__ = [
     "checkpointable_args",
     "cleanup",
     "export_backbone",
-    "gather_rng_states",
     "init_distributed",
     "load_checkpoint",
     "load_training_state",
     "parse_with_presets",
     "resolve_resume",
-    "rng_state",
     "save_checkpoint",
     "save_training_state",
     "schedule_length",
-    "seed_everything",
-    "set_rng_state",
     "skipped_images",
     "start_run",
     "wrap_ddp",

@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 from densecontrast.data.collate import collate_views
 from densecontrast.data.multiview import MultiViewDataset
 from densecontrast.data.sampling import SeededViews, ShardedSampler
-from densecontrast.engine.launch import DistInfo, init_distributed, seed_everything
+from densecontrast.engine.launch import DistInfo, init_distributed
 from densecontrast.optim import OPTIMIZERS
+from densecontrast.random_state import seed_everything
 
 __all__ = [
     "AMP_DTYPES",

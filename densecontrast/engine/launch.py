@@ -1,19 +1,6 @@
-"""Process launch helpers: distributed initialisation, per-rank seeding, DDP wrapping, preemption.
+"""Process launch: distributed initialisation (torchrun / SLURM), DDP wrapping, preemption signals.
 
-A reference script calls these in this order::
-
-    info = init_distributed()                 # reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK
-    seed_everything(args.seed, info.rank)     # different augmentations per rank, reproducible
-    model = wrap_ddp(online, info, target)    # DDP; rank 0's target / queues copied to every rank
-    with PreemptionHandler() as preempt:      # SIGTERM / SIGUSR1 -> preempt.should_stop
-        for step, batch in ...:
-            ...
-            if preempt.synchronize(info.device): save a checkpoint, break
-    cleanup()
-
-Everything degrades to a single process on the CPU (or the one GPU) when the script is started
-with plain ``python train.py``: no environment variables, no process group.
-
+Everything degrades to one process on the CPU (or the one GPU) under plain ``python train.py``.
 Rank and world-size queries come from :mod:`densecontrast.distributed`.
 """
 
@@ -21,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import random
 import signal
 import threading
 import warnings
@@ -42,25 +28,17 @@ __all__ = [
     "PreemptionHandler",
     "cleanup",
     "init_distributed",
-    "seed_everything",
     "wrap_ddp",
 ]
 
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits in the job.
-
-    Attributes:
-        rank: global rank in ``[0, world_size)``.
-        world_size: total number of processes (GPUs) in the job.
-        local_rank: rank on this machine; selects the GPU ``cuda:local_rank``.
-        device: the device this process computes on.
-        distributed: ``True`` when a default process group was initialised.
+    """Where this process sits in the job: global ``rank``, ``world_size``, ``local_rank`` (selects
+    ``cuda:local_rank``), its ``device``, and whether a process group was initialised.
 
     Examples:
-        >>> info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
-        >>> info.is_main
+        >>> DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False).is_main
         True
     """
 
@@ -110,23 +88,16 @@ def init_distributed(
 ) -> DistInfo:
     """Initialise ``torch.distributed`` from the launcher's environment, or fall back to one process.
 
-    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` as set by ``torchrun`` (``env://``
-    rendezvous through ``MASTER_ADDR`` / ``MASTER_PORT``). Under ``srun`` without torchrun it
-    reads ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID`` instead, provided
-    ``MASTER_ADDR`` is exported. With none of these it returns a single-process
-    :class:`DistInfo` and creates no process group.
-
-    The device is ``cuda:LOCAL_RANK`` when CUDA is available (and made the current device),
-    else the CPU. The backend defaults to NCCL on CUDA and gloo on the CPU. If a default
-    process group already exists it is reused.
+    Reads torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (``env://`` rendezvous), or under
+    ``srun`` SLURM's ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID`` when ``MASTER_ADDR``
+    is exported; with none of them, one process and no process group. The device is
+    ``cuda:LOCAL_RANK`` when CUDA is available (made current), else the CPU; the backend NCCL on
+    CUDA and gloo on the CPU unless ``backend`` is given. An existing default group is reused.
 
     Args:
         backend: ``"nccl"``, ``"gloo"`` or ``None`` (pick from the device).
-        device: force a device, e.g. ``"cpu"`` to run on the CPU on a GPU machine.
-        timeout: collective timeout handed to :func:`torch.distributed.init_process_group`.
-
-    Returns:
-        The :class:`DistInfo` of this process.
+        device: force a device, e.g. ``"cpu"`` on a GPU machine.
+        timeout: collective timeout for :func:`torch.distributed.init_process_group`.
 
     Raises:
         ValueError: if the environment variables are inconsistent, or ``backend`` is unknown.
@@ -180,44 +151,6 @@ def _pick_device(device: str | torch.device | None, local_rank: int) -> torch.de
     return torch.device("cpu")
 
 
-def seed_everything(seed: int, rank: int = 0) -> int:
-    """Seed Python's ``random``, torch (CPU and every CUDA device) and NumPy (if installed).
-
-    Each rank gets ``seed + rank`` so the processes of a job draw different augmentations while
-    the run as a whole stays reproducible.
-
-    Args:
-        seed: the base seed (non-negative).
-        rank: this process's global rank.
-
-    Returns:
-        The effective seed ``seed + rank``.
-
-    Raises:
-        ValueError: if ``seed`` or ``rank`` is negative.
-
-    Examples:
-        >>> seed_everything(0, rank=1)
-        1
-        >>> a = torch.rand(2); _ = seed_everything(0, rank=1); bool((a == torch.rand(2)).all())
-        True
-    """
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, but got {seed}")
-    if rank < 0:
-        raise ValueError(f"rank must be >= 0, but got {rank}")
-    s = int(seed) + int(rank)
-    random.seed(s)
-    torch.manual_seed(s)  # also seeds every CUDA device
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is optional
-        pass
-    else:
-        np.random.seed(s % 2**32)
-    return s
-
-
 def _default_signals() -> tuple[signal.Signals, ...]:
     sigs = [signal.SIGTERM]
     usr1 = getattr(signal, "SIGUSR1", None)  # absent on Windows
@@ -229,21 +162,14 @@ def _default_signals() -> tuple[signal.Signals, ...]:
 class PreemptionHandler:
     """Turn cluster preemption signals into a flag the training loop polls.
 
-    Schedulers announce preemption with a signal some time before killing the job: SLURM sends
-    ``SIGUSR1`` with ``#SBATCH --signal=USR1@120`` and ``SIGTERM`` at the time limit,
-    Kubernetes sends ``SIGTERM``, and ``torchrun`` forwards ``SIGTERM`` to its workers. Inside
-    the context the handler records the signal instead of dying; the loop checks
-    :attr:`should_stop` (cheap) after each step, saves a checkpoint and exits cleanly.
-    The previous handlers are restored when the context exits.
-
-    In a distributed job a signal may reach only some ranks. Call :meth:`synchronize` (one
-    tiny ``all_reduce``) every few steps so that all ranks stop at the same step.
+    SLURM sends ``SIGUSR1`` with ``#SBATCH --signal=USR1@120`` and ``SIGTERM`` at the time limit,
+    Kubernetes and ``torchrun`` send ``SIGTERM``. Inside the ``with`` block a signal only sets the
+    flag (no printing inside a signal handler); the loop calls :meth:`synchronize` after a step,
+    saves and exits cleanly. The previous handlers are restored when the block exits. Handlers
+    can only be installed in the main thread (elsewhere a warning says so).
 
     Args:
         signals: the signals to catch; default ``SIGTERM`` and ``SIGUSR1``.
-
-    Raises:
-        ValueError: if ``signals`` is empty.
 
     Examples:
         >>> import os, signal
@@ -261,11 +187,10 @@ class PreemptionHandler:
         self._flag = False
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
-        self._installed = False
 
     @property
     def should_stop(self) -> bool:
-        """``True`` once one of the signals arrived at this process (or :meth:`request_stop` was called)."""
+        """``True`` once a signal arrived at this process (or :meth:`request_stop` was called)."""
         return self._flag
 
     def request_stop(self) -> None:
@@ -273,35 +198,8 @@ class PreemptionHandler:
         self._flag = True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        # Only set state here: printing from a signal handler can hit a re-entrant stdout write.
         self._flag = True
         self.received = signum
-
-    def install(self) -> PreemptionHandler:
-        """Install the handlers (the context manager calls this). Only possible in the main thread."""
-        if self._installed:
-            return self
-        if threading.current_thread() is not threading.main_thread():
-            warnings.warn(
-                "PreemptionHandler can only install signal handlers in the main thread; not installed",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return self
-        for s in self.signals:
-            self._previous[s] = signal.getsignal(s)
-            signal.signal(s, self._handle)
-        self._installed = True
-        return self
-
-    def uninstall(self) -> None:
-        """Restore the handlers that were in place before :meth:`install`."""
-        if not self._installed:
-            return
-        for s, prev in self._previous.items():
-            signal.signal(s, prev if prev is not None else signal.SIG_DFL)
-        self._previous.clear()
-        self._installed = False
 
     def synchronize(self, device: torch.device | str | None = None) -> bool:
         """Agree across ranks: ``True`` on every rank if any rank was signalled.
@@ -332,15 +230,21 @@ class PreemptionHandler:
         return self._flag
 
     def __enter__(self) -> PreemptionHandler:
-        return self.install()
+        if threading.current_thread() is not threading.main_thread():
+            warnings.warn("PreemptionHandler can only install signal handlers in the main thread; not installed",
+                          RuntimeWarning, stacklevel=2)
+            return self
+        for s in self.signals:
+            self._previous[s] = signal.getsignal(s)
+            signal.signal(s, self._handle)
+        return self
 
     def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.uninstall()
+        for s, prev in self._previous.items():
+            signal.signal(s, prev if prev is not None else signal.SIG_DFL)
+        self._previous.clear()
 
 
 def cleanup() -> None:
@@ -354,20 +258,11 @@ def cleanup() -> None:
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo, *state_modules: nn.Module) -> nn.Module:
-    """Wrap ``model`` in ``DistributedDataParallel`` when distributed; start ``state_modules`` from rank 0.
+    """Wrap ``model`` (on ``info.device``) in ``DistributedDataParallel`` when distributed; returns what to call.
 
-    DDP copies rank 0's weights to every rank. The other stateful modules of a method (momentum
-    target, queues), built before from per-rank seeds, are broadcast from rank 0 here so that all
-    ranks start identical. Without a process group ``model`` is returned unchanged.
-
-    Args:
-        model: the online (trained) network, already on ``info.device``.
-        info: from :func:`init_distributed`.
-        *state_modules: modules not trained by the optimiser whose parameters and buffers must
-            agree across ranks.
-
-    Returns:
-        The module to call in the training loop (DDP-wrapped or ``model`` itself).
+    DDP copies rank 0's weights to every rank; the method's other stateful modules (momentum
+    target, queues), built from per-rank seeds, are broadcast from rank 0 here, so all ranks
+    start identical. Without a process group ``model`` itself is returned.
 
     Examples:
         >>> net = nn.Linear(2, 2)

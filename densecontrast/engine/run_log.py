@@ -33,12 +33,10 @@ def _number(value: Any) -> float:
 class RunLog:
     """Console lines, a progress bar, ``metrics.jsonl`` and TensorBoard events for one training run.
 
-    :meth:`step` is called after every optimiser step with that step's scalars; every
-    ``print_freq`` steps (and at ``stop_step``) it appends one JSON line to
-    ``<output_dir>/metrics.jsonl`` (``{"step": s, "epoch": e, ..., "img_per_s": x}``; ``nan`` /
-    ``inf`` become strings so lines stay valid JSON), writes the same scalars to TensorBoard under
-    ``train/`` and prints them. Lines are flushed at once, so a killed job keeps its log; a
-    resumed run appends to the same file.
+    Call :meth:`step` after every optimiser step; every ``print_freq`` steps (and at
+    ``stop_step``) it appends ``{"step": s, "epoch": e, ..., "img_per_s": x}`` to
+    ``metrics.jsonl`` (flushed; ``nan`` / ``inf`` as strings; a resumed run appends), writes
+    TensorBoard scalars under ``train/`` and prints the line.
 
     Args:
         output_dir: the run directory (created).

@@ -17,7 +17,7 @@ Accepted checkpoint files (``torch.load(..., weights_only=True)``):
 
 ``module.`` / ``_orig_mod.`` prefixes are stripped. The ResNet depth is inferred from the keys
 when ``--arch`` is not given. The backbone is a torchvision ResNet truncated before ``avgpool``
-(the C5 feature map, stride 32), or ``tiny`` (:class:`densecontrast.engine.backbones.TinyConvNet`).
+(the C5 feature map, stride 32), or ``tiny`` (:class:`densecontrast.backbones.TinyConvNet`).
 
 The report (``DIR/report.md``, plus ``report.json`` and PNG figures) holds:
 
@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from densecontrast.backbones import plain_state_dict
+
 __all__ = ["extract_backbone_state", "infer_arch", "load_backbone", "main"]
 
 _RESNET_BLOCKS = {
@@ -55,17 +57,6 @@ _RESNET_BLOCKS = {
     (3, 8, 36, 3, True): "resnet152",
 }
 _SKIP = ("momentum", "target", "ema", "teacher", "key_encoder", "encoder_k")
-
-
-def _strip(sd: Mapping[str, Any]) -> dict[str, Tensor]:
-    out = {}
-    for k, v in sd.items():
-        for pre in ("module.", "_orig_mod."):
-            while k.startswith(pre):
-                k = k[len(pre) :]
-        if isinstance(v, Tensor):
-            out[k] = v
-    return out
 
 
 def extract_backbone_state(obj: Any) -> tuple[dict[str, Tensor], str | None]:
@@ -94,7 +85,7 @@ def extract_backbone_state(obj: Any) -> tuple[dict[str, Tensor], str | None]:
         if isinstance(obj.get(key), Mapping):
             inner, inner_arch = extract_backbone_state(obj[key])
             return inner, arch or inner_arch
-    sd = _strip(obj)
+    sd = plain_state_dict(obj)
     if not sd:
         raise ValueError("checkpoint holds no tensors")
     # Candidate prefixes: anything before "conv1.weight" of a ResNet or "features.0.weight" of tiny.
@@ -143,7 +134,7 @@ def infer_arch(state_dict: Mapping[str, Tensor]) -> str:
 
 def _build_matching(arch: str, sd: Mapping[str, Tensor]) -> nn.Module:
     """A randomly initialised backbone of ``arch`` whose keys and shapes match ``sd``."""
-    from densecontrast.engine.backbones import build_backbone
+    from densecontrast.backbones import build_backbone
 
     variants: list[dict[str, Any]] = [{}]
     if arch == "tiny":
@@ -180,9 +171,9 @@ def load_backbone(
 
     Examples:
         >>> import os, tempfile
-        >>> from densecontrast.engine import build_backbone, export_backbone
+        >>> from densecontrast.backbones import build_backbone
         >>> p = os.path.join(tempfile.mkdtemp(), "backbone.pth")
-        >>> _ = export_backbone(build_backbone("resnet18")[0], p, arch="resnet18")
+        >>> torch.save({"arch": "resnet18", "state_dict": plain_state_dict(build_backbone("resnet18")[0])}, p)
         >>> net, arch = load_backbone(p)
         >>> arch, net(torch.zeros(1, 3, 64, 64)).shape
         ('resnet18', torch.Size([1, 512, 2, 2]))
@@ -226,8 +217,9 @@ def _evaluate(backbone: nn.Module, args: argparse.Namespace, device: torch.devic
 
 
 def _figures(backbone: nn.Module, args: argparse.Namespace, out_dir: Path, device: torch.device) -> list[str]:
+    from densecontrast.backbones import extract_features
     from densecontrast.data.synthetic import SyntheticScenes
-    from densecontrast.eval.correspondence import extract_features, match_correctness, random_crops, render_views
+    from densecontrast.eval.correspondence import match_correctness, random_crops, render_views
     from densecontrast.matching.similarity import similarity_match
     from densecontrast.viz import plot_attention, plot_matches, plot_training
 

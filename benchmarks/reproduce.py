@@ -158,8 +158,8 @@ def evaluate_run(run_dir: Path, seed: int, random_init: bool) -> dict[str, Any]:
     """Score one backbone with the fixed protocol (``EVAL``) and write ``run_dir/eval.json``."""
     import torch
 
+    from densecontrast.backbones import build_backbone
     from densecontrast.data.synthetic import SyntheticScenes
-    from densecontrast.engine import build_backbone
     from densecontrast.eval import correspondence_accuracy, dense_linear_probe
 
     torch.set_num_threads(1)
@@ -285,9 +285,9 @@ def matches_picture(run_dir: Path | None, path: Path, title: str, seed: int = 0)
     import matplotlib.pyplot as plt
     import torch
 
+    from densecontrast.backbones import build_backbone, extract_features
     from densecontrast.data.synthetic import SyntheticScenes
-    from densecontrast.engine import build_backbone
-    from densecontrast.eval.correspondence import extract_features, match_correctness, random_crops, render_views
+    from densecontrast.eval.correspondence import match_correctness, random_crops, render_views
     from densecontrast.matching import similarity_match
     from densecontrast.viz import plot_matches
 

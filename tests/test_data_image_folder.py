@@ -64,7 +64,6 @@ def test_unreadable_files_are_skipped_counted_and_warned_once(tmp_path: Path) ->
     i_corrupt = names.index("bb_corrupt.png")
     assert images[i_corrupt].getpixel((3, 3))[2] > 200  # d.jpeg is blue
     assert images[names.index("b.JPG")].getpixel((3, 3))[1] > 200  # green
-    assert set(ds.skip_report()) == set(ds.skipped_paths)
 
 
 def test_all_unreadable_raises_clear_error(tmp_path: Path) -> None:
@@ -78,18 +77,6 @@ def test_all_unreadable_raises_clear_error(tmp_path: Path) -> None:
     assert ds.num_skipped == 2
 
 
-def test_verify_removes_bad_files(tmp_path: Path) -> None:
-    _folder(tmp_path)
-    ds = ImageDataset(tmp_path)
-    with pytest.warns(UnreadableImageWarning):
-        bad = ds.verify()
-    assert [Path(p).name for p in bad] == ["bb_corrupt.png", "c_truncated.jpg"]
-    assert len(ds) == 3 and ds.num_skipped == 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _ = [ds[i] for i in range(len(ds))]
-
-
 def test_dataloader_over_a_folder_with_bad_files(tmp_path: Path) -> None:
     _folder(tmp_path)
     ds = ImageDataset(tmp_path, transform=TF.pil_to_tensor)
@@ -97,11 +84,6 @@ def test_dataloader_over_a_folder_with_bad_files(tmp_path: Path) -> None:
         warnings.simplefilter("ignore", UnreadableImageWarning)
         batches = list(DataLoader(ds, batch_size=5))
     assert batches[0].shape == (5, 3, 16, 20) and batches[0].dtype == torch.uint8
-
-
-def test_merge_reports() -> None:
-    merged = ImageDataset.merge_reports([{"b": "e1"}, {"a": "e2"}, {"b": "e1"}])
-    assert merged == {"a": "e2", "b": "e1"}
 
 
 def test_bad_roots(tmp_path: Path) -> None:
@@ -112,3 +94,92 @@ def test_bad_roots(tmp_path: Path) -> None:
         ImageDataset(tmp_path)
     with pytest.raises(ValueError, match="extensions"):
         ImageDataset(tmp_path, extensions=".jpg")
+
+
+WORKER_SCRIPT = """
+import sys, warnings
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
+from densecontrast.data.image_folder import ImageDataset
+ds = ImageDataset(sys.argv[1], transform=TF.pil_to_tensor)
+loader = DataLoader(ds, batch_size=1, num_workers=2, collate_fn=lambda b: b)
+for epoch in range(3):
+    for _ in loader:
+        pass
+print("SKIPPED", ds.num_skipped, [p.rsplit("/", 1)[-1] for p in ds.skipped_paths])
+"""
+
+
+def test_skips_are_counted_exactly_and_warned_once_with_workers(tmp_path: Path) -> None:
+    """Two DataLoader workers, three epochs: the main process counts 2 files, each warned about once."""
+    import subprocess
+    import sys
+
+    _folder(tmp_path / "data")
+    script = tmp_path / "run.py"
+    script.write_text(WORKER_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "data")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "SKIPPED 2 ['bb_corrupt.png', 'c_truncated.jpg']" in proc.stdout
+    warned = [line for line in proc.stderr.splitlines() if "skipping unreadable image" in line]
+    assert len(warned) == 2 and {"bb_corrupt.png" in w for w in warned} == {True, False}
+
+
+def _saved(tmp_path: Path, name: str, image: Image.Image, **kwargs) -> ImageDataset:
+    folder = tmp_path / name
+    folder.mkdir()
+    image.save(folder / ("x.jpg" if image.mode == "CMYK" else "x.png"), **kwargs)
+    return ImageDataset(folder)
+
+
+def test_decoding_scales_bit_depths_and_composites_alpha(tmp_path: Path) -> None:
+    import numpy as np
+
+    from densecontrast.data.image_folder import BACKGROUND
+
+    ramp = np.array([[0, 16384, 32768, 65535]], dtype=np.uint16)
+    deep = _saved(tmp_path, "deep", Image.fromarray(ramp))[0]  # a 16-bit grayscale PNG
+    assert deep.mode == "RGB"
+    assert [deep.getpixel((i, 0))[0] for i in range(4)] == [round(v / 65535 * 255) for v in ramp[0].tolist()]
+    rgba = Image.new("RGBA", (2, 1), (200, 10, 20, 255))
+    rgba.putpixel((1, 0), (200, 10, 20, 0))  # transparent: the background shows
+    out = _saved(tmp_path, "rgba", rgba)[0]
+    assert out.getpixel((0, 0)) == (200, 10, 20) and out.getpixel((1, 0)) == BACKGROUND
+    half = Image.new("LA", (1, 1), (255, 128))  # half-transparent white over the background
+    got = _saved(tmp_path, "la", half)[0].getpixel((0, 0))
+    assert all(abs(g - (255 * 128 + b * 127) / 255) <= 1 for g, b in zip(got, BACKGROUND))
+    palette = Image.new("P", (2, 1), 0)
+    palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    out = _saved(tmp_path, "palette", palette, transparency=1)[0]
+    assert out.getpixel((0, 0)) == (255, 0, 0) and out.getpixel((1, 0)) == BACKGROUND
+    gray = _saved(tmp_path, "gray", Image.new("L", (1, 1), 77))[0]
+    assert gray.getpixel((0, 0)) == (77, 77, 77)
+    cmyk = _saved(tmp_path, "cmyk", Image.new("CMYK", (8, 8), (0, 255, 255, 0)), quality=100)[0]
+    r, g, b = cmyk.getpixel((4, 4))
+    assert r > 200 and g < 60 and b < 60  # cyan 0, magenta + yellow full: red
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    folder = tmp_path / "exif"
+    folder.mkdir()
+    image = Image.new("RGB", (30, 10), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 5, 10))  # white on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(folder / "x.jpg", exif=exif, quality=95)
+    out = ImageDataset(folder)[0]
+    assert out.size == (10, 30)
+    assert out.getpixel((5, 2))[0] > 200 and out.getpixel((5, 27))[0] < 60  # the white band is now on top
+
+
+def test_symlink_loop_lists_each_image_once_with_a_warning(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(data / "sub" / "a.png")
+    (data / "sub" / "loop").symlink_to(data)  # a cycle: data/sub/loop -> data
+    (data / "again.png").symlink_to(data / "sub" / "a.png")  # the same file twice
+    with pytest.warns(UserWarning, match="symbolic links"):
+        ds = ImageDataset(data)
+    assert len(ds) == 1

@@ -3,48 +3,130 @@
 Convention:
     Items are RGB ``PIL.Image.Image`` objects (or whatever ``transform`` makes of them), in the
     order of the sorted relative paths. No labels: self-supervised pre-training needs none.
+    Decoding (:func:`to_rgb`): the EXIF orientation is applied; 16- and 32-bit grayscale is
+    *scaled* to 8 bits (never clipped); palette, CMYK and grayscale images are converted to RGB;
+    transparent pixels (RGBA, LA, palette transparency) are composited over the ImageNet mean
+    colour :data:`BACKGROUND`, which the usual normalisation maps to zero.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset, get_worker_info
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageDataset", "UnreadableImageWarning"]
+__all__ = ["BACKGROUND", "IMAGE_EXTENSIONS", "ImageDataset", "UnreadableImageWarning", "list_images", "to_rgb"]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 """File extensions :class:`ImageDataset` collects by default (matched case-insensitively)."""
+
+BACKGROUND: tuple[int, int, int] = (124, 116, 104)
+"""RGB colour transparent pixels are composited over: the ImageNet mean (0.485, 0.456, 0.406) x 255."""
 
 
 class UnreadableImageWarning(UserWarning):
     """Emitted once per file that :class:`ImageDataset` could not decode and skipped."""
 
 
+def to_rgb(image: Any) -> Any:
+    """An 8-bit RGB ``PIL.Image`` from any PIL image: orientation applied, high bit depths scaled, alpha composited.
+
+    Examples:
+        >>> from PIL import Image
+        >>> import numpy as np
+        >>> deep = Image.fromarray(np.full((2, 2), 32768, dtype=np.uint16))  # mode I;16, half of full scale
+        >>> to_rgb(deep).getpixel((0, 0))
+        (128, 128, 128)
+        >>> to_rgb(Image.new("RGBA", (1, 1), (255, 0, 0, 0))).getpixel((0, 0))  # fully transparent
+        (124, 116, 104)
+    """
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        arr = np.asarray(image).astype(np.float64)
+        if image.mode.startswith("I;16"):
+            full = 65535.0
+        elif image.mode == "I":  # 32-bit integers: 16-bit data unless the values say 8-bit
+            full = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        else:  # float images: [0, 1] unless the values say [0, 255]
+            full = 255.0 if arr.max(initial=0) > 1 else 1.0
+        arr = np.clip(np.rint(arr / full * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def list_images(root: str | os.PathLike[str], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """Image files under ``root``, recursively, each real file once, sorted by path relative to ``root``.
+
+    Symbolic links are followed, but every directory is entered once (a link loop is cut, not
+    followed forever) and a file reached through several links is listed once; a warning says
+    how many duplicates were dropped.
+
+    Examples:
+        >>> import tempfile, os
+        >>> d = tempfile.mkdtemp(); open(os.path.join(d, "a.png"), "wb").close()
+        >>> os.symlink(d, os.path.join(d, "loop"))  # a link cycle
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     names = [os.path.basename(p) for p in list_images(d)]
+        >>> names, len(caught)
+        (['a.png'], 1)
+    """
+    root_path = Path(root)
+    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    seen_dirs: set[str] = set()
+    seen_files: set[str] = set()
+    paths: list[str] = []
+    duplicates = revisited = 0
+    for dirpath, dirnames, filenames in os.walk(root_path, followlinks=True):
+        real_dir = os.path.realpath(dirpath)
+        if real_dir in seen_dirs:
+            dirnames[:] = []
+            revisited += 1
+            continue
+        seen_dirs.add(real_dir)
+        dirnames.sort()
+        for name in sorted(filenames):
+            if not name.lower().endswith(exts):
+                continue
+            path = os.path.join(dirpath, name)
+            real = os.path.realpath(path)
+            if real in seen_files:
+                duplicates += 1
+                continue
+            seen_files.add(real)
+            paths.append(path)
+    if duplicates or revisited:
+        warnings.warn(f"symbolic links under {str(root)!r} lead to {revisited} folder(s) and {duplicates} image(s) "
+                      "already listed; each is used once", stacklevel=2)
+    paths.sort(key=lambda p: os.path.relpath(p, root_path))
+    return paths
+
+
 class ImageDataset(Dataset):
-    """All images under ``root`` (recursively), sorted by path, returned as RGB PIL images.
+    """All images under ``root`` (recursively, see :func:`list_images`), sorted by path, as RGB PIL images.
 
     Unreadable files (corrupt, truncated, not really images) never stop a run: the first time
     item ``i`` fails to decode, an :class:`UnreadableImageWarning` naming the file and the error
-    is emitted (once per file), the path is recorded in :attr:`skipped_paths`, and the next
-    readable image (``i + 1``, ``i + 2``, ..., wrapping around) is returned instead. Known-bad
-    files are not retried and not warned about again. Only if **no** file is readable does
-    indexing raise a ``RuntimeError``.
-
-    Note:
-        With ``DataLoader(num_workers > 0)`` every worker holds its own copy of the dataset, so
-        :attr:`num_skipped` of the main-process object stays 0 and each worker counts only the
-        files it met. To get one global count, either call :meth:`verify` once before training
-        (decodes every file in this process, records and drops bad ones, so workers never meet
-        them), or collect :meth:`skip_report` from each worker (e.g. in ``worker_init_fn`` /
-        at the end of an epoch) and merge with :meth:`merge_reports`.
+    is emitted — once per file, across DataLoader workers and epochs — and the next readable
+    image (``i + 1``, ``i + 2``, ..., wrapping around) is returned instead. The record of bad
+    files lives in shared memory, so :attr:`num_skipped` of the main-process object counts the
+    files every worker met. Only if **no** file is readable does indexing raise a ``RuntimeError``.
 
     Args:
-        root: folder to scan (symlinks followed).
+        root: folder to scan (symbolic links followed once).
         extensions: file name endings to include (case-insensitive).
         transform: optional callable applied to each PIL image.
 
@@ -74,45 +156,39 @@ class ImageDataset(Dataset):
         if isinstance(extensions, str) or not all(isinstance(e, str) for e in extensions) or len(extensions) == 0:
             raise ValueError(f"extensions must be a non-empty sequence of strings like ('.jpg', '.png'), but got "
                              f"{extensions!r}")
-        exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-        paths: list[str] = []
-        for dirpath, _, filenames in os.walk(root_path, followlinks=True):
-            for name in filenames:
-                if name.lower().endswith(exts):
-                    paths.append(os.path.join(dirpath, name))
-        paths.sort(key=lambda p: os.path.relpath(p, root_path))
+        paths = list_images(root_path, extensions)
         if not paths:
-            raise ValueError(f"root {str(root)!r} contains no images with extensions {exts}")
+            raise ValueError(f"root {str(root)!r} contains no images with extensions {tuple(extensions)}")
         self.root = str(root_path)
-        self.extensions = exts
         self.paths: list[str] = paths
-        """Sorted absolute (or ``root``-relative-joined) paths of the collected files."""
+        """Sorted paths of the collected files."""
         self.transform = transform
-        self._bad: dict[int, str] = {}
-        self._removed: dict[str, str] = {}
+        self._bad = torch.zeros(len(paths), dtype=torch.bool).share_memory_()  # shared with DataLoader workers
+        self._errors: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
 
     @property
     def num_skipped(self) -> int:
-        """Number of distinct unreadable files met so far by this process (see the class note on workers)."""
-        return len(self._bad) + len(self._removed)
+        """Number of distinct unreadable files met so far, by this process and its DataLoader workers."""
+        return int(self._bad.sum())
 
     @property
     def skipped_paths(self) -> list[str]:
-        """Paths of the unreadable files met so far by this process, sorted."""
-        return sorted([self.paths[i] for i in self._bad] + list(self._removed))
+        """Paths of the unreadable files met so far (by this process and its workers), sorted."""
+        return sorted(self.paths[i] for i in self._bad.nonzero().flatten().tolist())
 
     def _load(self, index: int) -> Any:
         from PIL import Image
 
         with Image.open(self.paths[index]) as img:
             img.load()  # decode now so truncated files fail here, not later in a transform
-            return img.convert("RGB")
+            return to_rgb(img)
 
     def _mark_bad(self, index: int, error: BaseException) -> None:
-        self._bad[index] = f"{type(error).__name__}: {error}"
+        self._bad[index] = True
+        self._errors[index] = f"{type(error).__name__}: {error}"
         info = get_worker_info()
         where = f" (DataLoader worker {info.id})" if info is not None else ""
         warnings.warn(
@@ -128,7 +204,7 @@ class ImageDataset(Dataset):
         index = int(index) % n
         for step in range(n):
             i = (index + step) % n
-            if i in self._bad:
+            if self._bad[i]:
                 continue
             try:
                 image = self._load(i)
@@ -138,62 +214,8 @@ class ImageDataset(Dataset):
             return self.transform(image) if self.transform is not None else image
         raise RuntimeError(
             f"no readable image in {self.root!r}: all {n} files failed to decode "
-            f"(first error: {next(iter(self._bad.values()), 'unknown')})"
+            f"(first error: {next(iter(self._errors.values()), 'unknown')})"
         )
-
-    def verify(self, remove: bool = True) -> list[str]:
-        """Decode every file now (in this process) and record the unreadable ones.
-
-        Run it once before building a ``DataLoader`` with workers to get a global count and to
-        keep workers from meeting bad files at all.
-
-        Args:
-            remove: drop the unreadable files from :attr:`paths` (they stay in :attr:`skipped_paths`).
-
-        Returns:
-            Sorted paths of the unreadable files found.
-
-        Examples:
-            >>> import tempfile, os
-            >>> from PIL import Image
-            >>> d = tempfile.mkdtemp()
-            >>> Image.new("RGB", (4, 4)).save(os.path.join(d, "ok.png"))
-            >>> ImageDataset(d).verify()
-            []
-        """
-        for i in range(len(self.paths)):
-            if i in self._bad:
-                continue
-            try:
-                self._load(i)
-            except Exception as error:
-                self._mark_bad(i, error)
-        if len(self._bad) == len(self.paths):
-            raise RuntimeError(f"no readable image in {self.root!r}: all {len(self.paths)} files failed to decode")
-        if remove and self._bad:
-            self._removed.update({self.paths[i]: err for i, err in self._bad.items()})
-            self.paths = [p for i, p in enumerate(self.paths) if i not in self._bad]
-            self._bad = {}
-        return self.skipped_paths
-
-    def skip_report(self) -> dict[str, str]:
-        """``{path: error}`` of the unreadable files met by this process (for merging across workers)."""
-        report = dict(self._removed)
-        report.update({self.paths[i]: err for i, err in self._bad.items()})
-        return dict(sorted(report.items()))
-
-    @staticmethod
-    def merge_reports(reports: Iterable[dict[str, str]]) -> dict[str, str]:
-        """Union of several :meth:`skip_report` dicts (e.g. one per DataLoader worker).
-
-        Examples:
-            >>> ImageDataset.merge_reports([{"a.jpg": "OSError"}, {"a.jpg": "OSError", "b.jpg": "OSError"}])
-            {'a.jpg': 'OSError', 'b.jpg': 'OSError'}
-        """
-        merged: dict[str, str] = {}
-        for r in reports:
-            merged.update(r)
-        return dict(sorted(merged.items()))
 
     def __repr__(self) -> str:
         return f"ImageDataset(root={self.root!r}, num_images={len(self)}, num_skipped={self.num_skipped})"

@@ -14,12 +14,14 @@ from torch import nn
 from densecontrast.backbones import build_backbone
 from densecontrast.engine import (
     CHECKPOINT_NAME,
+    RunError,
     export_backbone,
     load_checkpoint,
     load_training_state,
     resolve_resume,
     save_checkpoint,
     save_training_state,
+    start_run,
 )
 from densecontrast.optim import LARS, WarmupCosineScheduler, param_groups_weight_decay
 from densecontrast.queue import MomentumQueue
@@ -179,7 +181,7 @@ def test_training_state_round_trip_continues_exactly(tmp_path) -> None:
     assert torch.equal(queue2.negatives(), queue.negatives())
     assert _train(model2, opt2, sched2, 3) == after
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["args"] == {"lr": 0.5}
-    with pytest.raises(ValueError, match="no entry for \\['target'\\]"):
+    with pytest.raises(RunError, match=r"no entry for \[.target.\]"):
         load_training_state(tmp_path / CHECKPOINT_NAME, {"model": model2, "target": _tiny_model()})
 
 
@@ -219,3 +221,38 @@ def test_export_backbone_loads_into_torchvision(tmp_path) -> None:
     assert export_backbone(tiny, tmp_path / "tiny.pth", arch="tiny")  # not a torchvision name: no check
     with pytest.raises(ValueError, match="backbone must be"):
         export_backbone(3, tmp_path / "x.pth")  # type: ignore[arg-type]
+
+
+def test_resume_with_other_arguments_or_method_is_refused(tmp_path) -> None:
+    import argparse
+
+    net = nn.Linear(2, 2)
+    stored = {"method": "densecl", "batch_size": 8, "lr": 0.1, "workers": 2}
+    save_training_state(tmp_path / CHECKPOINT_NAME, {"model": net}, step=1, args=stored)
+    now = argparse.Namespace(method="pixcon", batch_size=4, lr=0.1, workers=0, force_resume=False)
+    with pytest.raises(RunError, match="written by the densecl script, not by pixcon"):
+        load_training_state(tmp_path / CHECKPOINT_NAME, {"model": net}, args=now)
+    now.method = "densecl"
+    with pytest.raises(RunError, match="--batch-size 8 \\(now 4\\)") as err:
+        load_training_state(tmp_path / CHECKPOINT_NAME, {"model": net}, args=now)
+    assert "--workers" not in str(err.value) and "--lr" not in str(err.value)  # workers may change; lr did not
+    now.force_resume = True
+    assert load_training_state(tmp_path / CHECKPOINT_NAME, {"model": net}, args=now) == 1
+    with pytest.raises(RunError, match="'model' does not fit this run"):  # other weights: one line, not a key dump
+        load_training_state(tmp_path / CHECKPOINT_NAME, {"model": nn.Linear(3, 2)}, args=now)
+
+
+def test_checkpoints_respect_the_umask_and_stale_temporaries_are_removed(tmp_path) -> None:
+    import argparse
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"step": 1}, tmp_path / CHECKPOINT_NAME)
+    finally:
+        os.umask(old)
+    assert (tmp_path / CHECKPOINT_NAME).stat().st_mode & 0o777 == 0o644  # readable by collaborators
+    stale = tmp_path / ".checkpoint.pth.abc123.tmp"
+    stale.write_bytes(b"partial write of a killed job")
+    args = argparse.Namespace(output_dir=str(tmp_path), device="cpu", seed=0, deterministic=False)
+    start_run(args, "demo")
+    assert not stale.exists() and (tmp_path / CHECKPOINT_NAME).exists() and args.method == "demo"

@@ -16,6 +16,7 @@ from densecontrast.engine.checkpoint import (
 )
 from densecontrast.engine.cli import (
     AMP_DTYPES,
+    RunError,
     add_common_args,
     build_pretraining_loader,
     checkpointable_args,
@@ -38,6 +39,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "DistInfo",
     "PreemptionHandler",
+    "RunError",
     "RunLog",
     "add_common_args",
     "build_pretraining_loader",

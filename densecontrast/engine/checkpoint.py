@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import warnings
@@ -27,6 +28,7 @@ from torch import nn
 
 from densecontrast.backbones import check_torchvision_keys, plain_state_dict
 from densecontrast.distributed import is_distributed, rank, unwrap_model
+from densecontrast.engine.cli import RunError, check_resume_args
 from densecontrast.random_state import gather_rng_states, seed_everything, set_rng_state
 
 __all__ = [
@@ -97,6 +99,9 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> b
             torch.save(dict(state), fh)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -241,22 +246,30 @@ def load_training_state(
     path: str | os.PathLike[str],
     objects: Mapping[str, Any],
     map_location: str | torch.device | None = "cpu",
+    args: argparse.Namespace | None = None,
 ) -> int:
     """Restore a :func:`save_training_state` checkpoint into ``objects``; returns the step to continue from.
 
-    Every process loads the same file. RNG states are restored per rank; when the checkpoint was
-    written by a different number of processes they cannot be (a warning says so) and the
-    generators are re-seeded from the step instead, so no two ranks share a stream.
+    With ``args`` the stored arguments are compared first (:func:`~densecontrast.engine.cli.check_resume_args`).
+    RNG states are restored per rank; when the checkpoint was written by a different number of
+    processes they cannot be (a warning says so) and the generators are re-seeded from the step.
 
     Raises:
-        ValueError: if the checkpoint lacks an entry named in ``objects``.
+        RunError: the checkpoint does not fit ``args`` or ``objects`` (another method, other arguments,
+            missing entries or mismatched keys).
     """
     ckpt = load_checkpoint(path, map_location=map_location)
+    if args is not None:
+        check_resume_args(ckpt.get("args", {}), args)
     missing = sorted(name for name in objects if name not in ckpt)
     if missing:
-        raise ValueError(f"checkpoint {path} has no entry for {missing}; it holds {sorted(ckpt)}")
+        raise RunError(f"checkpoint {path} has no entry for {missing}; it holds {sorted(ckpt)}")
     for name, obj in objects.items():
-        (unwrap_model(obj) if isinstance(obj, nn.Module) else obj).load_state_dict(ckpt[name])
+        try:
+            (unwrap_model(obj) if isinstance(obj, nn.Module) else obj).load_state_dict(ckpt[name])
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0][:300]
+            raise RunError(f"checkpoint {path}: its {name!r} does not fit this run ({first})") from None
     step = int(ckpt["step"])
     if "rng" in ckpt:
         try:

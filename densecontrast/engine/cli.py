@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,20 +24,32 @@ from torch.utils.data import DataLoader
 from densecontrast.data.collate import collate_views
 from densecontrast.data.multiview import MultiViewDataset
 from densecontrast.data.sampling import SeededViews, ShardedSampler
-from densecontrast.engine.launch import DistInfo, init_distributed
+from densecontrast.engine.launch import DistInfo, ignore_preemption_signals, init_distributed
 from densecontrast.optim import OPTIMIZERS
 from densecontrast.random_state import seed_everything
 
 __all__ = [
     "AMP_DTYPES",
+    "RunError",
     "add_common_args",
     "build_pretraining_loader",
+    "check_resume_args",
     "checkpointable_args",
     "parse_with_presets",
     "schedule_length",
     "skipped_images",
     "start_run",
 ]
+
+class RunError(Exception):
+    """A mistake in a run's command line or the data it names; the scripts print it in one line and exit with 2."""
+
+
+MAY_CHANGE_ON_RESUME: frozenset[str] = frozenset({
+    "resume", "force_resume", "output_dir", "stop_after", "print_freq", "save_every", "workers", "device",
+    "no_eval", "save_rank_states", "deterministic",
+})
+"""Arguments a resumed run may change; every other stored argument (data order, model, schedule) must match."""
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``--amp`` choices and the autocast dtype each selects (``None``: full precision)."""
@@ -77,6 +90,8 @@ def add_common_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpars
     g.add_argument("--output-dir", default=None, help="default: runs/<method>")
     g.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
     g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the one in --output-dir")
+    g.add_argument("--force-resume", action="store_true",
+                   help="resume even when the checkpoint's arguments differ from these (data order, model, schedule)")
     g.add_argument("--print-freq", type=int, default=20)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
@@ -124,11 +139,11 @@ def checkpointable_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def start_run(args: argparse.Namespace, method: str) -> DistInfo:
-    """Start a reference script's run: default ``--output-dir runs/<method>``, process group, seeds.
+    """Start a reference script's run: ``args.method``, default ``--output-dir runs/<method>``, process group, seeds.
 
     Initialises ``torch.distributed`` from the launcher's environment (one process without it),
-    seeds every generator with ``seed + rank`` and, with ``--deterministic``, switches torch to
-    deterministic algorithms.
+    removes temporary files of an interrupted checkpoint save, seeds every generator with
+    ``seed + rank`` and, with ``--deterministic``, switches torch to deterministic algorithms.
 
     Examples:
         >>> a = argparse.Namespace(output_dir=None, device="cpu", seed=0, deterministic=False)
@@ -136,8 +151,12 @@ def start_run(args: argparse.Namespace, method: str) -> DistInfo:
         >>> a.output_dir, info.world_size
         ('runs/demo', 1)
     """
+    args.method = method
     args.output_dir = args.output_dir or f"runs/{method}"
     info = init_distributed(device=args.device)
+    if info.is_main:  # leftovers of a save interrupted by a kill: never valid checkpoints
+        for tmp in Path(args.output_dir).glob(".*.pth.*.tmp"):
+            tmp.unlink(missing_ok=True)
     seed_everything(args.seed, info.rank)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -153,14 +172,24 @@ def build_pretraining_loader(
     :class:`~densecontrast.data.sampling.ShardedSampler`, so
     :func:`~densecontrast.data.sampling.step_batches` can start the loader at any step.
 
+    DataLoader workers ignore SIGTERM / SIGUSR1 (a signal to the whole process group, as SLURM
+    and ``timeout`` send, must not kill them before the main process has saved).
+
     Returns:
         A loader whose batches are ``(views, geometries)`` from
         :func:`densecontrast.data.collate.collate_views`.
+
+    Raises:
+        RunError: ``--data`` is missing, holds no image, or no image in it can be decoded.
     """
     if args.data:
         from densecontrast.data.image_folder import ImageDataset
 
-        base: Any = ImageDataset(args.data)
+        try:
+            base: Any = ImageDataset(args.data)
+            base[0]  # decodes the first readable image; raises when none is
+        except (FileNotFoundError, ValueError, RuntimeError) as err:
+            raise RunError(f"--data: {err}") from None
     else:
         from densecontrast.data.synthetic import SyntheticScenes
 
@@ -173,6 +202,7 @@ def build_pretraining_loader(
     return DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
         collate_fn=collate_views, drop_last=True, pin_memory=info.device.type == "cuda",
+        worker_init_fn=ignore_preemption_signals,
     )
 
 
@@ -189,13 +219,40 @@ def schedule_length(args: argparse.Namespace, loader: DataLoader) -> int:
 
 
 def skipped_images(loader: DataLoader) -> int | None:
-    """Unreadable images skipped so far by the image folder behind ``loader`` (``None`` for synthetic data).
+    """Distinct unreadable images skipped so far by the image folder behind ``loader`` (``None`` for synthetic data).
 
-    With DataLoader workers each worker counts in its own copy of the dataset and this process
-    sees only its own skips (``--workers 0`` counts them all).
+    Exact with DataLoader workers: the image folder keeps its record in shared memory.
     """
     dataset: Any = loader.dataset
     while not hasattr(dataset, "num_skipped") and hasattr(dataset, "dataset"):
         dataset = dataset.dataset
     n = getattr(dataset, "num_skipped", None)
     return int(n) if n is not None else None
+
+
+def check_resume_args(stored: Mapping[str, Any], args: argparse.Namespace) -> None:
+    """Refuse a resume whose stored arguments differ from ``args`` in data order, model or schedule.
+
+    Raises:
+        RunError: naming the method that wrote the checkpoint when it is another one, else listing
+            each differing argument (``--force-resume`` skips the argument comparison).
+
+    Examples:
+        >>> now = argparse.Namespace(method="pixcon", batch_size=4, resume="auto", force_resume=False)
+        >>> check_resume_args({"method": "pixcon", "batch_size": 4, "resume": None}, now)
+        >>> check_resume_args({"method": "pixcon", "batch_size": 8}, now)
+        Traceback (most recent call last):
+        ...
+        densecontrast.engine.cli.RunError: the checkpoint was written with other arguments: --batch-size 8 (now 4); ...
+    """
+    method = getattr(args, "method", None)
+    if stored.get("method", method) != method:
+        raise RunError(f"the checkpoint was written by the {stored['method']} script, not by {method}")
+    if getattr(args, "force_resume", False):
+        return
+    now = checkpointable_args(args)
+    diffs = [f"--{k.replace('_', '-')} {stored[k]!r} (now {now[k]!r})" for k in sorted(stored)
+             if k in now and k not in MAY_CHANGE_ON_RESUME and stored[k] != now[k]]
+    if diffs:
+        raise RunError("the checkpoint was written with other arguments: " + "; ".join(diffs).replace("'", "")
+                       + "; start a new --output-dir, or pass --force-resume to continue anyway")

@@ -27,6 +27,7 @@ __all__ = [
     "DistInfo",
     "PreemptionHandler",
     "cleanup",
+    "ignore_preemption_signals",
     "init_distributed",
     "wrap_ddp",
 ]
@@ -157,6 +158,16 @@ def _default_signals() -> tuple[signal.Signals, ...]:
     if usr1 is not None:
         sigs.append(usr1)
     return tuple(sigs)
+
+
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """Ignore SIGTERM / SIGUSR1 in this process: the ``worker_init_fn`` of DataLoader workers.
+
+    SLURM (``scancel``, ``--signal``) and ``timeout`` signal the whole process group; workers that
+    ignore it keep serving batches until the main process has saved and shuts them down.
+    """
+    for s in _default_signals():
+        signal.signal(s, signal.SIG_IGN)
 
 
 class PreemptionHandler:

@@ -14,24 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from densecontrast.backbones import build_backbone
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted(p.parent.name for p in (ROOT / "examples").glob("*/train.py"))
 TINY = [
     "--num-images", "24", "--image-size", "48", "--crop-size", "32", "--batch-size", "4", "--workers", "0",
-    "--print-freq", "1", "--queue-size", "64",
+    "--print-freq", "1",
 ]
+QUEUES = {"densecl", "pixcon"}  # methods with negative queues: keep them small
 
 pytestmark = pytest.mark.slow
 
 
 def _tiny_args(method: str) -> list[str]:
-    """Tiny sizes; the queue-size flag only for methods that have a queue."""
-    text = (ROOT / "examples" / method / "train.py").read_text()
-    args = list(TINY)
-    if "--queue-size" not in text:
-        i = args.index("--queue-size")
-        del args[i : i + 2]
-    return args
+    """Tiny sizes (and a 64-entry queue for the methods that have one)."""
+    return [*TINY, *(["--queue-size", "64"] if method in QUEUES else [])]
 
 
 def _run(method: str, out: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
@@ -74,11 +72,14 @@ def test_script_runs_a_few_steps(method: str, tmp_path: Path) -> None:
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     ckpt = _load(out / "checkpoint.pth")
     assert ckpt["step"] == 2 and "model" in ckpt and "optimizer" in ckpt and "rng" in ckpt
-    exported = _load(out / "backbone.pth")["state_dict"]  # written even with --no-eval
-    prefix = "encoder.backbone."
-    online = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-    assert online.keys() == exported.keys()
-    assert all(torch.equal(online[k], exported[k]) for k in online)
+    exported = _load(out / "backbone.pth")  # written at the end of the schedule, even with --no-eval
+    assert exported["arch"] == "tiny"
+    backbone, _ = build_backbone("tiny")
+    backbone.load_state_dict(exported["state_dict"])  # strict: exactly the backbone's keys
+    assert torch.isfinite(backbone(torch.rand(2, 3, 32, 32))).all()
+    # the exported weights are the trained online backbone's, as checkpointed
+    for name, tensor in exported["state_dict"].items():
+        assert any(k.endswith("." + name) and torch.equal(v, tensor) for k, v in ckpt["model"].items()), name
 
 
 def test_report_with_pictures_and_export(tmp_path: Path) -> None:
@@ -143,20 +144,84 @@ def test_sigterm_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert "preemption signal received" in rest
     ckpt = _load(out / "checkpoint.pth")
     assert 1 <= ckpt["step"] < 500
+    assert not (out / "backbone.pth").exists()  # an unfinished run exports nothing under the final name
 
 
-def test_corrupt_image_is_skipped_and_counted(tmp_path: Path) -> None:
+def _image_folder(root: Path, n: int = 9) -> Path:
     from PIL import Image
 
-    data = tmp_path / "images" / "sub"
+    data = root / "images" / "sub"
     data.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
-    for i in range(9):
+    for i in range(n):
         arr = (torch.rand(40, 56, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(arr).save(data / f"img{i}.png")
-    (data / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    return root / "images"
+
+
+def test_corrupt_image_is_skipped_counted_and_warned_once_with_workers(tmp_path: Path) -> None:
+    images = _image_folder(tmp_path)
+    (images / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     out = tmp_path / "run"
-    proc = _run("pixcon", out, "--data", str(tmp_path / "images"), "--max-steps", "2", "--no-eval")
+    proc = _run("pixcon", out, "--data", str(images), "--max-steps", "6", "--no-eval", "--workers", "2")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["skipped_images"] == 1
-    assert "broken.jpg" in proc.stderr
+    assert records[-1]["skipped_images"] == 1  # counted in the main process although workers decode
+    assert proc.stderr.count("skipping unreadable image") == 1  # 6 steps = 3 epochs: warned once
+
+
+def test_user_errors_are_one_line_with_status_2(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "a.jpg").write_bytes(b"garbage")
+    for data, message in ((tmp_path / "missing", "existing directory"), (empty, "contains no images"),
+                          (unreadable, "no readable image")):
+        cmd = [sys.executable, str(ROOT / "examples" / "pixcon" / "train.py"), *_tiny_args("pixcon"),
+               "--data", str(data), "--output-dir", str(tmp_path / "out")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_resume_with_other_arguments_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _run("pixcon", out, "--max-steps", "4", "--stop-after", "1", "--no-eval")
+    cmd = [sys.executable, str(ROOT / "examples" / "pixcon" / "train.py"), *_tiny_args("pixcon"),
+           "--output-dir", str(out), "--max-steps", "4", "--no-eval", "--resume", "auto", "--batch-size", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "--batch-size 4 (now 2)" in proc.stderr
+    other = [c if c != "pixcon" else "densecl" for c in cmd]
+    other[1] = str(ROOT / "examples" / "densecl" / "train.py")
+    proc = subprocess.run([*other[:-2], "--batch-size", "4"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "written by the pixcon script, not by densecl" in proc.stderr
+    _run("pixcon", out, "--max-steps", "4", "--no-eval", "--resume", "auto", "--batch-size", "2", "--force-resume")
+
+
+def test_process_group_signal_with_workers_saves_and_resumes_exactly(tmp_path: Path) -> None:
+    """SLURM / timeout signal the whole process group: the workers survive, the main process saves."""
+    common = ("--max-steps", "12", "--no-eval", "--deterministic", "--workers", "2", "--save-every", "0")
+    full, part = tmp_path / "full", tmp_path / "part"
+    _run("pixcon", full, *common)
+    cmd = [sys.executable, str(ROOT / "examples" / "pixcon" / "train.py"), *_tiny_args("pixcon"),
+           "--output-dir", str(part), *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)  # its own process group, as under srun / timeout
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "step 2/12" in line:
+            break
+    else:
+        pytest.fail("the script ended before step 2")
+    os.killpg(proc.pid, signal.SIGTERM)  # every process of the group: main and DataLoader workers
+    rest = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, rest[-3000:]
+    assert "preemption signal received" in rest and "killed by signal" not in rest
+    stopped = _load(part / "checkpoint.pth")["step"]
+    assert 2 <= stopped < 12 and not (part / "backbone.pth").exists()
+    _run("pixcon", part, *common, "--resume", "auto")
+    a, b = _load(full / "checkpoint.pth"), _load(part / "checkpoint.pth")
+    assert a["step"] == b["step"] == 12
+    _assert_state_equal(a, b, ["model", "target", "global_queue", "dense_queue", "scheduler"])

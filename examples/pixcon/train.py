@@ -34,6 +34,7 @@ from densecontrast.engine import (
     AMP_DTYPES,
     CHECKPOINT_NAME,
     PreemptionHandler,
+    RunError,
     RunLog,
     add_common_args,
     build_pretraining_loader,
@@ -160,7 +161,7 @@ def main(args: argparse.Namespace) -> None:
     step = 0
     resume = resolve_resume(args.resume, output_dir)
     if resume is not None:
-        step = load_training_state(resume, state, map_location=device)
+        step = load_training_state(resume, state, map_location=device, args=args)
     stop_at = total_steps if args.stop_after is None else min(total_steps, step + args.stop_after)
     log = RunLog(output_dir, total_steps, start_step=step, stop_step=stop_at, print_freq=args.print_freq,
                  enabled=info.is_main)
@@ -247,4 +248,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_with_presets(get_args_parser(), {"paper": PAPER}))
+    parser = get_args_parser()
+    try:
+        main(parse_with_presets(parser, {"paper": PAPER}))
+    except RunError as err:  # a mistake in the arguments or the data: one line, exit status 2
+        parser.exit(2, f"{parser.prog}: error: {err}\n")

@@ -65,7 +65,7 @@ def test_wrong_arch_is_a_clear_error(tmp_path: Path) -> None:
         cli.load_backbone(tmp_path / "junk.pth")
 
 
-def test_cli_writes_report(tmp_path: Path) -> None:
+def test_cli_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(0)
     net, _ = build_backbone("tiny", width=8)
     export_backbone(net, tmp_path / "backbone.pth", arch="tiny")
@@ -75,6 +75,8 @@ def test_cli_writes_report(tmp_path: Path) -> None:
     out = tmp_path / "eval"
     res = cli.main([str(tmp_path / "backbone.pth"), "--out", str(out), "--size", "32", "--num-images", "4",
                     "--probe-train", "8", "--probe-val", "4", "--epochs", "2", "--device", "cpu"])
+    stages = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(stages) == 7 and "random init: dense linear probe" in stages[5]  # a line per stage
     text = (out / "report.md").read_text()
     assert "Correspondence accuracy" in text and "linear probe" in text.lower() and "random init" in text
     for f in ("matches.png", "attention.png", "training.png"):

@@ -190,7 +190,14 @@ def _fmt(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
-def _evaluate(backbone: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def _stage(name: str, t0: float) -> None:
+    """A sign of life per stage, on stderr so the results on stdout stay clean."""
+    print(f"[{time.time() - t0:6.0f} s] {name}", file=sys.stderr, flush=True)
+
+
+def _evaluate(
+    backbone: nn.Module, args: argparse.Namespace, device: torch.device, label: str, t0: float
+) -> dict[str, Any]:
     from densecontrast.data.synthetic import SyntheticScenes
     from densecontrast.eval.correspondence import correspondence_accuracy
     from densecontrast.eval.linear_probe import dense_linear_probe
@@ -203,10 +210,12 @@ def _evaluate(backbone: nn.Module, args: argparse.Namespace, device: torch.devic
         images = SyntheticScenes(args.num_images, args.size, seed=args.seed + 1000, return_mask=False)
     out: dict[str, Any] = {}
     for mode in ("flip", "crop"):
+        _stage(f"{label}: correspondence accuracy, {mode} mode", t0)
         out[f"correspondence_{mode}"] = correspondence_accuracy(
             backbone, images, mode, size=args.size, max_images=args.num_images, batch_size=args.batch_size,
             generator=torch.Generator().manual_seed(args.seed), device=device,
         )
+    _stage(f"{label}: dense linear probe ({args.epochs} epochs on {args.probe_train} images)", t0)
     train = SyntheticScenes(args.probe_train, args.size, seed=args.seed + 100)
     val = SyntheticScenes(args.probe_val, args.size, seed=args.seed + 101)
     out["linear_probe"] = dense_linear_probe(
@@ -329,12 +338,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    res = _evaluate(backbone, args, device)
+    res = _evaluate(backbone, args, device, "trained", t0)
     base = None
     if not args.no_baseline:
         torch.manual_seed(args.seed + 12345)  # an independent random init, not the checkpoint's own
         rand = _build_matching(arch, backbone.state_dict())
-        base = _evaluate(rand.to(device).eval(), args, device)
+        base = _evaluate(rand.to(device).eval(), args, device, "random init", t0)
+    if not args.no_figures:
+        _stage("pictures", t0)
     figures = [] if args.no_figures else _figures(backbone, args, out_dir, device)
     results = {"arch": arch, "checkpoint": str(args.checkpoint), "trained": res, "random_init": base}
     (out_dir / "report.json").write_text(json.dumps(results, indent=2, default=str))

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from densecontrast._checks import check_choice, check_int, check_type
+
 if TYPE_CHECKING:  # torchvision is imported lazily: it doubles the import time of the package
     import torchvision
 
@@ -71,8 +73,7 @@ class ResNetTrunk(nn.Module):
         import torchvision
 
         super().__init__()
-        if not isinstance(resnet, torchvision.models.ResNet):
-            raise ValueError(f"resnet must be a torchvision.models.ResNet, but got {type(resnet).__name__}")
+        check_type(resnet, "resnet", torchvision.models.ResNet, what="a torchvision.models.ResNet")
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
         last = resnet.layer4[-1]
@@ -123,12 +124,9 @@ class TinyConvNet(nn.Module):
 
     def __init__(self, stride: int = 8, in_channels: int = 3, width: int = 32) -> None:
         super().__init__()
-        if stride not in (8, 16):
-            raise ValueError(f"stride must be 8 or 16, but got {stride}")
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, but got {in_channels}")
-        if width < 1:
-            raise ValueError(f"width must be >= 1, but got {width}")
+        check_choice(stride, "stride", (8, 16))
+        check_int(in_channels, "in_channels", 1)
+        check_int(width, "width", 1)
         w1, w2, w3 = width, 2 * width, 4 * width
         layers = [*_cbr(in_channels, w1, 2), *_cbr(w1, w2, 2), *_cbr(w2, w2, 1), *_cbr(w2, w3, 2), *_cbr(w3, w3, 1)]
         if stride == 16:
@@ -174,14 +172,11 @@ def build_backbone(name: str = "resnet50", *, output_stride: int | None = None, 
         >>> net(torch.zeros(1, 3, 96, 96)).shape
         torch.Size([1, 128, 6, 6])
     """
-    if name not in BACKBONES:
-        raise ValueError(f"name must be one of {BACKBONES}, but got {name!r}")
+    check_choice(name, "name", BACKBONES)
     if name == "tiny":
         net = TinyConvNet(stride=8 if output_stride is None else output_stride, **kwargs)
         return net, net.out_channels
-    os_ = 32 if output_stride is None else output_stride
-    if os_ not in (8, 16, 32):
-        raise ValueError(f"output_stride must be 8, 16 or 32 for {name}, but got {output_stride}")
+    os_ = check_choice(32 if output_stride is None else output_stride, "output_stride", (8, 16, 32), note=f"for {name}")
     if os_ != 32 and name in ("resnet18", "resnet34"):
         raise ValueError(f"output_stride must be 32 for {name} (its BasicBlock has no dilation), but got {os_}")
     dilate = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}[os_]
@@ -282,8 +277,7 @@ def plain_state_dict(backbone: nn.Module | Mapping[str, Any]) -> dict[str, Tenso
     """
     if isinstance(backbone, nn.Module):
         backbone = backbone.state_dict()
-    if not isinstance(backbone, Mapping):
-        raise ValueError(f"backbone must be an nn.Module or a state dict, but got {type(backbone).__name__}")
+    check_type(backbone, "backbone", Mapping, what="an nn.Module or a state dict")
     out = {}
     for k, v in backbone.items():
         for pre in ("module.", "_orig_mod."):

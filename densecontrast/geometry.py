@@ -22,26 +22,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
+from densecontrast._checks import check_choice, check_finite, check_shape, check_type, compute_dtype
+
 __all__ = ["ViewGeometry", "in_box_mask"]
-
-
-def _check_shape(name: str, x: Tensor, shape: tuple[int | None, ...], what: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {what}, but got {type(x).__name__}")
-    ok = x.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape))
-    if not ok:
-        raise ValueError(f"{name} must have shape {what}, but got shape {tuple(x.shape)}")
-
-
-def _check_finite(name: str, x: Tensor) -> None:
-    if x.is_floating_point() and not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise ValueError(
-            f"{name} must be finite, but it contains {int((~torch.isfinite(x)).sum())} NaN or inf values "
-            f"(first at index {bad}) in a tensor of shape {tuple(x.shape)}"
-        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,25 +101,24 @@ class ViewGeometry:
         """
         if image_size is None:
             raise ValueError("image_size is required: expected shape (B, 2) or (2,) as (W, H) pixels")
-        _check_shape("boxes", boxes, (None, 4), "(B, 4) as x0, y0, x1, y1 pixels")
-        b = boxes.shape[0]
-        dtype = boxes.dtype if boxes.dtype in (torch.float32, torch.float64) else torch.float32
+        b, _ = check_shape(boxes, "boxes", ("B", 4), note="as x0, y0, x1, y1 pixels")
+        dtype = compute_dtype(boxes)
         boxes = boxes.to(dtype)
         if not isinstance(image_size, Tensor):
             image_size = torch.as_tensor(image_size)
         image_size = image_size.to(device=boxes.device, dtype=dtype)
         if image_size.dim() == 1:
-            _check_shape("image_size", image_size, (2,), "(B, 2) or (2,) as (W, H) pixels")
+            check_shape(image_size, "image_size", (2,), note="or (B, 2) as (W, H) pixels")
             image_size = image_size.expand(b, 2).contiguous()
-        _check_shape("image_size", image_size, (b, 2), f"(B, 2) = ({b}, 2) as (W, H) pixels")
+        check_shape(image_size, "image_size", ("B", 2), sizes={"B": b}, note="as (W, H) pixels")
         if flips is None:
             flips = torch.zeros(b, dtype=torch.bool, device=boxes.device)
         if not isinstance(flips, Tensor):
             flips = torch.as_tensor(flips)
-        _check_shape("flips", flips, (b,), f"(B,) = ({b},) bool")
+        check_shape(flips, "flips", ("B",), sizes={"B": b}, note="bool")
         flips = flips.to(device=boxes.device, dtype=torch.bool)
-        _check_finite("boxes", boxes)
-        _check_finite("image_size", image_size)
+        check_finite(boxes, "boxes")
+        check_finite(image_size, "image_size")
         if (image_size <= 0).any():
             raise ValueError(f"image_size must be positive (W, H) pixels, but got {image_size.tolist()}")
         x0, y0, x1, y1 = boxes.unbind(-1)
@@ -173,8 +158,8 @@ class ViewGeometry:
             >>> g.boxes, g.flips
             (tensor([[ 0.,  0., 51., 11.]]), tensor([True]))
         """
-        _check_shape("coords", coords, (None, 4), "(B, 4) PixPro coordinates")
-        dtype = coords.dtype if coords.dtype in (torch.float32, torch.float64) else torch.float32
+        check_shape(coords, "coords", ("B", 4), note="as PixPro coordinates")
+        dtype = compute_dtype(coords)
         coords = coords.to(dtype)
         size = torch.as_tensor(image_size, dtype=dtype, device=coords.device).expand(coords.shape[0], 2)
         flips = coords[:, 2] < coords[:, 0]
@@ -296,9 +281,6 @@ class ViewGeometry:
         a[:, :, 2] = -offset / scale
         return a
 
-    def _check_points(self, points: Tensor) -> None:
-        _check_shape("points", points, (len(self), None, 2), f"(B, N, 2) with B = {len(self)}")
-
     def to_image(self, points: Tensor) -> Tensor:
         """Map view-space points to image space.
 
@@ -315,7 +297,7 @@ class ViewGeometry:
             tensor([[[0.5000, 0.0000],
                      [1.0000, 1.0000]]])
         """
-        self._check_points(points)
+        check_shape(points, "points", ("B", "N", 2), sizes={"B": len(self)})
         scale, offset = self._scale_offset()
         return points * scale[:, None, :] + offset[:, None, :]
 
@@ -334,7 +316,7 @@ class ViewGeometry:
             >>> g.to_view(torch.tensor([[[0.25, 0.5]]]))
             tensor([[[-0.5000,  0.5000]]])
         """
-        self._check_points(points)
+        check_shape(points, "points", ("B", "N", 2), sizes={"B": len(self)})
         scale, offset = self._scale_offset()
         return (points - offset[:, None, :]) / scale[:, None, :]
 
@@ -392,7 +374,7 @@ class ViewGeometry:
             >>> g.contains(torch.tensor([[[0.25, 0.5], [0.75, 0.5]]]))
             tensor([[False,  True]])
         """
-        self._check_points(points)
+        check_shape(points, "points", ("B", "N", 2), sizes={"B": len(self)})
         nb = self.normalized_boxes
         x, y = points[..., 0], points[..., 1]
         return (
@@ -470,8 +452,7 @@ class ViewGeometry:
             >>> a.overlap(b)
             (tensor([[0.4000, 0.5000, 0.6000, 0.6000]]), tensor([0.0200]))
         """
-        if not isinstance(other, ViewGeometry):
-            raise TypeError(f"other must be a ViewGeometry, but got {type(other).__name__}")
+        check_type(other, "other", ViewGeometry)
         if len(other) != len(self):
             raise ValueError(f"other must have the same number of views, expected {len(self)}, got {len(other)}")
         if not torch.allclose(self.image_size, other.image_size.to(self.image_size)):
@@ -520,10 +501,9 @@ def in_box_mask(
         >>> in_box_mask(q, k, 1, 7, rule="pixcon").int()  # floor(7 * 66 / 70) = 6 drops it
         tensor([[1, 1, 1, 1, 1, 1, 0]], dtype=torch.int32)
     """
+    check_choice(rule, "rule", ("center", "pixcon"))
     if rule == "center":
         return key.contains(query.grid(h, w))
-    if rule != "pixcon":
-        raise ValueError(f"rule must be 'center' or 'pixcon', but got {rule!r}")
     box, _ = query.overlap(key)
     corners = torch.stack([box[:, :2], box[:, 2:]], dim=1)  # (B, 2, 2) image space
     v = query.to_view(corners)
@@ -536,4 +516,4 @@ def in_box_mask(
     ii = torch.arange(h, device=lo.device, dtype=lo.dtype)
     col = (jj[None] >= a_lo[:, 0:1]) & (jj[None] < a_hi[:, 0:1])
     row = (ii[None] >= a_lo[:, 1:2]) & (ii[None] < a_hi[:, 1:2])
-    return (row[:, :, None] & col[:, None, :]).reshape(len(query), h * w)
+    return rearrange(row[:, :, None] & col[:, None, :], "b h w -> b (h w)")

@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from densecontrast._checks import check_int, check_number, check_positive, compute_dtype
 from densecontrast.schedules import warmup_cosine_lr
 
 __all__ = [
@@ -76,14 +77,10 @@ class LARS(Optimizer):
         trust_coefficient: float = 0.001,
         exclude_bias_and_norm: bool = True,
     ) -> None:
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, but got {lr}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), but got {momentum}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, but got {weight_decay}")
-        if trust_coefficient <= 0:
-            raise ValueError(f"trust_coefficient must be > 0, but got {trust_coefficient}")
+        check_number(lr, "lr", 0)
+        check_number(momentum, "momentum", 0, 1, open_high=True)
+        check_number(weight_decay, "weight_decay", 0)
+        check_positive(trust_coefficient, "trust_coefficient")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -122,7 +119,7 @@ class LARS(Optimizer):
                 if not excluded:
                     if wd != 0:
                         g = g.add(p, alpha=wd)
-                    acc = torch.promote_types(p.dtype, torch.float32)  # fp16/bf16 norms in fp32, fp64 stays fp64
+                    acc = compute_dtype(p)  # fp16/bf16 norms in fp32, fp64 stays fp64
                     w_norm = torch.linalg.vector_norm(p, dtype=acc)
                     g_norm = torch.linalg.vector_norm(g, dtype=acc)
                     ratio = torch.where(
@@ -169,8 +166,7 @@ def param_groups_weight_decay(
         >>> [(len(g["params"]), g["weight_decay"]) for g in groups]
         [(1, 0.0001), (3, 0.0)]
     """
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, but got {weight_decay}")
+    check_number(weight_decay, "weight_decay", 0)
     skip = tuple(skip)
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -201,12 +197,9 @@ def scale_lr(base_lr: float, global_batch: int, base_batch: int = 256) -> float:
         >>> scale_lr(1.0, 1024)  # PixPro: base lr 1.0 at 8 x 128 images
         4.0
     """
-    if base_lr < 0:
-        raise ValueError(f"base_lr must be >= 0, but got {base_lr}")
-    if global_batch < 1:
-        raise ValueError(f"global_batch must be >= 1, but got {global_batch}")
-    if base_batch < 1:
-        raise ValueError(f"base_batch must be >= 1, but got {base_batch}")
+    check_number(base_lr, "base_lr", 0)
+    check_number(global_batch, "global_batch", 1)
+    check_number(base_batch, "base_batch", 1)
     return base_lr * global_batch / base_batch
 
 
@@ -248,14 +241,12 @@ class WarmupCosineScheduler(LRScheduler):
         final_ratio: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, but got {total_steps}")
-        if not 0 <= warmup_steps < total_steps:
-            raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), but got {warmup_steps}")
-        if not 0.0 <= warmup_start_ratio <= 1.0:
-            raise ValueError(f"warmup_start_ratio must be in [0, 1], but got {warmup_start_ratio}")
-        if not 0.0 <= final_ratio <= 1.0:
-            raise ValueError(f"final_ratio must be in [0, 1], but got {final_ratio}")
+        check_int(total_steps, "total_steps", 1)
+        check_int(warmup_steps, "warmup_steps", 0)
+        if warmup_steps >= total_steps:
+            raise ValueError(f"warmup_steps must be < total_steps={total_steps}, but got {warmup_steps}")
+        check_number(warmup_start_ratio, "warmup_start_ratio", 0, 1)
+        check_number(final_ratio, "final_ratio", 0, 1)
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
         self.warmup_start_ratio = float(warmup_start_ratio)

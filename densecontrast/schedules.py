@@ -14,23 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from densecontrast._checks import check_int, check_number
+
 __all__ = ["CosineMomentum", "constant_momentum", "cosine_momentum", "warmup_cosine_lr"]
-
-
-def _check_unit(name: str, value: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1], but got {value!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], but got {value!r}")
-    return v
-
-
-def _check_steps(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, but got {value!r}")
-    return value
 
 
 def cosine_momentum(step: int, total_steps: int, base: float = 0.99, final: float = 1.0) -> float:
@@ -52,9 +38,9 @@ def cosine_momentum(step: int, total_steps: int, base: float = 0.99, final: floa
         >>> cosine_momentum(0, 100), cosine_momentum(50, 100), cosine_momentum(100, 100)
         (0.99, 0.995, 1.0)
     """
-    _check_steps("step", step, 0)
-    _check_steps("total_steps", total_steps, 1)
-    base, final = _check_unit("base", base), _check_unit("final", final)
+    check_int(step, "step", 0)
+    check_int(total_steps, "total_steps", 1)
+    base, final = check_number(base, "base", 0, 1), check_number(final, "final", 0, 1)
     if step >= total_steps:
         return final
     return final - (final - base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
@@ -77,9 +63,9 @@ class CosineMomentum:
     """
 
     def __init__(self, total_steps: int, base: float = 0.99, final: float = 1.0) -> None:
-        self.total_steps = _check_steps("total_steps", total_steps, 1)
-        self.base = _check_unit("base", base)
-        self.final = _check_unit("final", final)
+        self.total_steps = check_int(total_steps, "total_steps", 1)
+        self.base = check_number(base, "base", 0, 1)
+        self.final = check_number(final, "final", 0, 1)
 
     def __call__(self, step: int) -> float:
         return cosine_momentum(step, self.total_steps, self.base, self.final)
@@ -95,7 +81,7 @@ def constant_momentum(m: float) -> Callable[[int], float]:
         >>> constant_momentum(0.999)(12345)
         0.999
     """
-    m = _check_unit("m", m)
+    m = check_number(m, "m", 0, 1)
 
     def schedule(step: int) -> float:
         return m
@@ -138,16 +124,14 @@ def warmup_cosine_lr(
         >>> tuple(round(warmup_cosine_lr(t, 10, 2, 1.0, warmup_start_ratio=0.0), 3) for t in (0, 1, 2, 6, 10))
         (0.0, 0.5, 1.0, 0.5, 0.0)
     """
-    _check_steps("step", step, 0)
-    _check_steps("total_steps", total_steps, 1)
-    _check_steps("warmup_steps", warmup_steps, 0)
+    check_int(step, "step", 0)
+    check_int(total_steps, "total_steps", 1)
+    check_int(warmup_steps, "warmup_steps", 0)
     if warmup_steps >= total_steps:
         raise ValueError(f"warmup_steps must be < total_steps={total_steps}, but got {warmup_steps}")
-    if not (float(base_lr) >= 0 and math.isfinite(base_lr)):
-        raise ValueError(f"base_lr must be a finite number >= 0, but got {base_lr!r}")
-    if not (float(final_lr) >= 0 and math.isfinite(final_lr)):
-        raise ValueError(f"final_lr must be a finite number >= 0, but got {final_lr!r}")
-    r = _check_unit("warmup_start_ratio", warmup_start_ratio)
+    check_number(base_lr, "base_lr", 0)
+    check_number(final_lr, "final_lr", 0)
+    r = check_number(warmup_start_ratio, "warmup_start_ratio", 0, 1)
     if step >= total_steps:
         return float(final_lr)
     if step < warmup_steps:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from densecontrast._checks import check_choice
 from densecontrast.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -134,8 +135,7 @@ def plot_matches(
         >>> len(fig.axes)  # two views and the weight colour bar
         3
     """
-    if color_by not in ("weight", "correct", "none"):
-        raise ValueError(f"color_by must be 'weight', 'correct' or 'none', but got {color_by!r}")
+    check_choice(color_by, "color_by", ("weight", "correct", "none"))
     b, n = matches.valid.shape
     if not 0 <= index < b:
         raise ValueError(f"index must be in [0, {b}), but got {index}")

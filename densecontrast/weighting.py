@@ -13,8 +13,19 @@ import math
 from typing import Literal
 
 import torch
+from einops import reduce
 from torch import Tensor, nn
 
+from densecontrast._checks import (
+    check_choice,
+    check_geometry_pair,
+    check_grid_shape,
+    check_matches,
+    check_number,
+    check_positive,
+    check_shape,
+    compute_dtype,
+)
 from densecontrast.geometry import ViewGeometry, in_box_mask
 from densecontrast.matching.matches import Matches
 
@@ -25,14 +36,10 @@ _DEGENERATE = ("one", "zero")
 
 
 def _check_options(gamma: object, mode: object, degenerate: object, eps: object) -> None:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"gamma must be a finite number >= 0, but got {gamma!r}")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, but got {mode!r}")
-    if degenerate not in _DEGENERATE:
-        raise ValueError(f"degenerate must be one of {_DEGENERATE}, but got {degenerate!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0, but got {eps!r}")
+    check_number(gamma, "gamma", 0)
+    check_choice(mode, "mode", _MODES)
+    check_choice(degenerate, "degenerate", _DEGENERATE)
+    check_positive(eps, "eps")
 
 
 def semantic_reweighting(
@@ -91,14 +98,11 @@ def semantic_reweighting(
     ref = similarity if similarity is not None else in_box
     if ref is None:
         raise ValueError("similarity and in_box must not both be None")
-    if ref.dim() != 2:
-        name = "similarity" if similarity is not None else "in_box"
-        raise ValueError(f"{name} must have shape (B, N), but got {tuple(ref.shape)}")
-    if similarity is not None and not similarity.is_floating_point():
-        raise ValueError(f"similarity must be a float (B, N) tensor, but got dtype {similarity.dtype}")
+    dims: dict[str, int] = {}
+    if similarity is not None:
+        check_shape(similarity, "similarity", ("B", "N"), sizes=dims, floating=True)
     if in_box is not None:
-        if in_box.shape != ref.shape:
-            raise ValueError(f"in_box must have shape (B, N) = {tuple(ref.shape)}, but got {tuple(in_box.shape)}")
+        check_shape(in_box, "in_box", ("B", "N"), sizes=dims, of="similarity")
         if in_box.dtype != torch.bool:
             raise ValueError(f"in_box must be a bool tensor, but got dtype {in_box.dtype}")
     if mode != "spatial" and similarity is None:
@@ -106,7 +110,7 @@ def semantic_reweighting(
     if mode != "similarity" and in_box is None:
         raise ValueError(f"in_box is required for mode={mode!r}, but got None")
 
-    dtype = torch.float64 if similarity is not None and similarity.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(similarity)
     with torch.no_grad(), torch.autocast(device_type=ref.device.type, enabled=False):
         if mode == "spatial":
             assert in_box is not None
@@ -116,8 +120,8 @@ def semantic_reweighting(
         if mode == "similarity":
             return s.clamp_min(0) ** gamma
         assert in_box is not None
-        s_min = s.amin(dim=1, keepdim=True)
-        s_max_out = s.masked_fill(in_box, -math.inf).amax(dim=1, keepdim=True)  # -inf if no out-of-box query
+        s_min = reduce(s, "b n -> b 1", "min")
+        s_max_out = reduce(s.masked_fill(in_box, -math.inf), "b n -> b 1", "max")  # -inf if no out-of-box query
         den = s_max_out - s_min
         degenerate_img = ~(den > eps)  # also True for -inf (empty out-of-box set)
         ratio = ((s - s_min) / den.clamp_min(eps)).clamp(0, 1) ** gamma
@@ -161,8 +165,7 @@ class SemanticReweighting(nn.Module):
     ) -> None:
         super().__init__()
         _check_options(gamma, mode, degenerate, eps)
-        if in_box_rule not in ("center", "pixcon"):
-            raise ValueError(f"in_box_rule must be 'center' or 'pixcon', but got {in_box_rule!r}")
+        check_choice(in_box_rule, "in_box_rule", ("center", "pixcon"))
         self.gamma = float(gamma)
         self.in_box_rule = in_box_rule
         self.mode = mode
@@ -190,8 +193,7 @@ class SemanticReweighting(nn.Module):
             ``matches`` with ``weight`` multiplied by the new weights (detached) and ``in_box``
             set to the mask that was used.
         """
-        if not isinstance(matches, Matches):
-            raise TypeError(f"matches must be a Matches, but got {type(matches).__name__}")
+        check_matches(matches)
         in_box = matches.in_box
         if (query_geometry is None) != (key_geometry is None):
             raise ValueError("query_geometry and key_geometry must be given together, but got only one")
@@ -199,15 +201,11 @@ class SemanticReweighting(nn.Module):
             assert key_geometry is not None
             if query_shape is None:
                 raise ValueError("query_shape (h_q, w_q) is required with geometry, but got None")
-            h, w = (int(x) for x in query_shape)
+            h, w = check_grid_shape(query_shape, "query_shape")
             b, n = matches.valid.shape
             if h * w != n:
                 raise ValueError(f"query_shape must satisfy h * w = N = {n}, but got {tuple(query_shape)}")
-            if len(query_geometry) != b or len(key_geometry) != b:
-                raise ValueError(
-                    f"query_geometry and key_geometry must hold B = {b} views, "
-                    f"but got {len(query_geometry)} and {len(key_geometry)}"
-                )
+            check_geometry_pair(query_geometry, key_geometry, batch=b)  # validation only: in_box_mask promotes
             in_box = in_box_mask(query_geometry, key_geometry, h, w, rule=self.in_box_rule).to(matches.valid.device)
         if self.mode != "similarity" and in_box is None:
             raise ValueError("matches.in_box is None: pass query_geometry, key_geometry and query_shape")

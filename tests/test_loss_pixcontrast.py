@@ -120,8 +120,10 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match="reduction"):
         PixContrastLoss(reduction="batchmean")
     crit = PixContrastLoss()
-    with pytest.raises(ValueError, match=r"positive_mask must be a bool tensor of shape \(B, N, M\) = \(1, 3, 2\)"):
+    with pytest.raises(ValueError, match=r"positive_mask must have the shape \(B, N, M\) = \(1, 3, 2\), but got"):
         crit(torch.randn(1, 3, 4), torch.randn(1, 2, 4), torch.ones(1, 3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"positive_mask must be a bool tensor, but got dtype torch\.float32"):
+        crit(torch.randn(1, 3, 4), torch.randn(1, 2, 4), torch.ones(1, 3, 2))
     with pytest.raises(ValueError, match="key must have shape"):
         crit(torch.randn(1, 3, 4), torch.randn(1, 2, 5), torch.ones(1, 3, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="query must have shape"):

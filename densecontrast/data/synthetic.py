@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from densecontrast._checks import check_int
+
 __all__ = ["SyntheticScenes", "render_scene"]
 
 SHAPES = ("ellipse", "rectangle", "triangle", "blob")
@@ -235,19 +237,17 @@ class SyntheticScenes(Dataset):
         max_objects: int = 8,
         as_pil: bool = False,
     ) -> None:
-        if int(num_images) != num_images or num_images < 0:
-            raise ValueError(f"num_images must be a non-negative integer, but got {num_images!r}")
-        if int(image_size) != image_size or image_size < 8:
-            raise ValueError(f"image_size must be an integer >= 8 (pixels), but got {image_size!r}")
-        if int(num_classes) != num_classes or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, but got {num_classes!r}")
-        if not 1 <= min_objects <= max_objects:
+        check_int(num_images, "num_images", 0)
+        check_int(image_size, "image_size", 8, note="(pixels)")
+        check_int(num_classes, "num_classes", 1)
+        check_int(min_objects, "min_objects", 1)
+        check_int(max_objects, "max_objects", 1)
+        if min_objects > max_objects:
             raise ValueError(
                 f"min_objects and max_objects must satisfy 1 <= min_objects <= max_objects, "
                 f"but got {min_objects} and {max_objects}"
             )
-        if int(seed) != seed or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, but got {seed!r}")
+        check_int(seed, "seed", 0)
         self.num_images = int(num_images)
         self.image_size = int(image_size)
         self.num_classes = int(num_classes)

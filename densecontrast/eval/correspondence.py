@@ -25,9 +25,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
+from densecontrast._checks import check_choice, check_geometry_pair, check_int, check_interval, check_shape, check_size
 from densecontrast.geometry import ViewGeometry
 from densecontrast.matching.coordinate import nearest_coordinate_match
 from densecontrast.matching.similarity import similarity_match
@@ -70,16 +72,6 @@ def _resize(x: Tensor, size: tuple[int, int] | None, mode: str = "bilinear") -> 
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-def _as_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if size is None:
-        return None
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return (size, size)
-    if isinstance(size, Sequence) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size):
-        return (int(size[0]), int(size[1]))
-    raise ValueError(f"size must be None, a positive int or a pair (height, width), but got {size!r}")
-
-
 def iter_image_batches(
     images: Tensor | Iterable[Any],
     batch_size: int,
@@ -92,7 +84,7 @@ def iter_image_batches(
     Dataset items may be images or tuples ``(image, mask, ...)``; with ``with_masks`` the second
     element is taken as the ``(H, W)`` mask (resized with nearest neighbour when ``size`` is set).
     """
-    hw = _as_size(size)
+    hw = None if size is None else check_size(size)
     if isinstance(images, Tensor):
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must have shape (B, 3, H, W), but got {tuple(images.shape)}")
@@ -281,7 +273,7 @@ def render_views(images: Tensor, geometry: ViewGeometry, size: tuple[int, int]) 
         True
     """
     pts = geometry.to(images.device).grid(*size).to(images.dtype)  # (B, h*w, 2) image space
-    grid = (2 * pts - 1).reshape(images.shape[0], size[0], size[1], 2)
+    grid = rearrange(2 * pts - 1, "b (h w) p -> b h w p", h=size[0], w=size[1])
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -331,18 +323,10 @@ def match_correctness(
         >>> out["exact"].all().item(), out["true_index"].tolist()
         (True, [[1, 0, 3, 2]])
     """
-    if query_features.dim() != 4 or key_features.dim() != 4:
-        raise ValueError(
-            f"query_features and key_features must have shape (B, C, h, w), but got "
-            f"{tuple(query_features.shape)} and {tuple(key_features.shape)}"
-        )
-    b, _, h, w = query_features.shape
-    hk, wk = key_features.shape[-2:]
-    if len(query_geometry) != b or len(key_geometry) != b:
-        raise ValueError(
-            f"query_geometry and key_geometry must have B = {b} views, but got {len(query_geometry)} and "
-            f"{len(key_geometry)}"
-        )
+    dims: dict[str, int] = {}
+    b, _, h, w = check_shape(query_features, "query_features", ("B", "C", "h", "w"), sizes=dims)
+    _, _, hk, wk = check_shape(key_features, "key_features", ("B", "C", "h_k", "w_k"), sizes=dims, of="query_features")
+    check_geometry_pair(query_geometry, key_geometry, batch=b)  # validation only: both become float64 below
     m = similarity_match(query_features.float(), key_features.float(), chunk_size=chunk_size)
     idx = m.key_index
     assert idx is not None
@@ -423,13 +407,10 @@ def correspondence_accuracy(
         >>> out["num_queries"], out["feature_shape"], 0.0 <= out["exact"] <= out["within_one"] <= 1.0
         (64, (4, 4), True)
     """
-    if mode not in ("flip", "crop"):
-        raise ValueError(f"mode must be 'flip' or 'crop', but got {mode!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, but got {batch_size!r}")
-    if not (0 < scale[0] <= scale[1] <= 1):
-        raise ValueError(f"scale must be a pair (min, max) with 0 < min <= max <= 1, but got {scale!r}")
-    vsize = _as_size(view_size)
+    check_choice(mode, "mode", ("flip", "crop"))
+    check_int(batch_size, "batch_size", 1)
+    check_interval(scale, "scale", 0, 1)
+    vsize = None if view_size is None else check_size(view_size, "view_size")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     dev = _device_of(backbone, device)
     was_training = isinstance(backbone, nn.Module) and backbone.training

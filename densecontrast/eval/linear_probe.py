@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from densecontrast._checks import check_int, check_positive
 from densecontrast.eval.correspondence import Backbone, _device_of, extract_features, iter_image_batches
 
 __all__ = ["dense_linear_probe", "extract_dense_features", "segmentation_metrics"]
@@ -176,14 +177,10 @@ def dense_linear_probe(
         >>> 0.0 <= out["miou"] <= 1.0, out["feature_shape"], len(out["per_class_iou"])
         (True, (8, 8), 9)
     """
-    if int(num_classes) != num_classes or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2 (background included), but got {num_classes!r}")
-    if int(epochs) != epochs or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, but got {epochs!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, but got {lr!r}")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, but got {batch_size!r}")
+    check_int(num_classes, "num_classes", 2, note="(background included)")
+    check_int(epochs, "epochs", 1)
+    check_positive(lr, "lr")
+    check_int(batch_size, "batch_size", 1)
     dev = _device_of(backbone, device)
     kw = dict(size=size, batch_size=batch_size, normalize=normalize, device=dev)
     ftr, mtr = extract_dense_features(backbone, train_set, max_images=max_train, **kw)

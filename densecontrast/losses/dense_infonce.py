@@ -35,9 +35,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
-from densecontrast.losses.reduction import check_finite_positive, check_reduction, check_shape, reduce
+from densecontrast._checks import (
+    check_choice,
+    check_int,
+    check_matches,
+    check_positive,
+    check_shape,
+    compute_dtype,
+)
+from densecontrast.losses.reduction import REDUCTIONS, reduce
 from densecontrast.matching.matches import Matches
 
 __all__ = ["DenseInfoNCE", "default_chunk_size", "dense_info_nce", "dense_queries", "dense_keys"]
@@ -171,13 +180,12 @@ def dense_info_nce(
         >>> loss.mean().backward(); q.grad.shape
         torch.Size([10, 8])
     """
-    tau = check_finite_positive("temperature", temperature)
-    check_shape("query", query, ("P", "D"), floating=True)
-    check_shape("positive", positive, tuple(query.shape), floating=True)
-    check_shape("negatives", negatives, ("K", query.shape[1]), floating=True)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, but got {chunk_size!r}")
-    dtype = torch.float64 if torch.float64 in (query.dtype, positive.dtype, negatives.dtype) else torch.float32
+    tau = check_positive(temperature, "temperature")
+    _, d = check_shape(query, "query", ("P", "D"), floating=True)
+    check_shape(positive, "positive", query.shape, floating=True)
+    check_shape(negatives, "negatives", ("K", d), floating=True)
+    check_int(chunk_size, "chunk_size", 1, allow_none=True)
+    dtype = compute_dtype(query, positive, negatives)
     with torch.autocast(device_type=query.device.type, enabled=False):
         q, k, n = query.to(dtype), positive.to(dtype), negatives.to(dtype)
         if n.shape[0] == 0:  # a single logit: softmax is 1, loss 0 (kept connected to the graph)
@@ -196,7 +204,7 @@ def dense_queries(x: Tensor, name: str = "query") -> Tensor:
         torch.Size([2, 12, 16])
     """
     if isinstance(x, Tensor) and x.dim() == 4:
-        return x.flatten(2).transpose(1, 2)
+        return rearrange(x, "b d h w -> b (h w) d")
     if isinstance(x, Tensor) and x.dim() == 3:
         return x
     got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -263,11 +271,9 @@ class DenseInfoNCE(nn.Module):
 
     def __init__(self, temperature: float = 0.2, reduction: str = "mean", chunk_size: int | None = None) -> None:
         super().__init__()
-        self.temperature = check_finite_positive("temperature", temperature)
-        self.reduction = check_reduction(reduction)
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, but got {chunk_size!r}")
-        self.chunk_size = chunk_size
+        self.temperature = check_positive(temperature, "temperature")
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
+        self.chunk_size = check_int(chunk_size, "chunk_size", 1, allow_none=True)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reduction={self.reduction!r}"
@@ -296,11 +302,8 @@ class DenseInfoNCE(nn.Module):
         """
         q = dense_queries(query, "query")
         dense_keys(key, "key")
-        if not isinstance(matches, Matches):
-            raise ValueError(f"matches must be a Matches, but got {type(matches).__name__}")
         b, n, d = q.shape
-        if matches.valid.shape != (b, n):
-            raise ValueError(f"matches must have (B, N) = ({b}, {n}) queries, but got {tuple(matches.valid.shape)}")
+        check_matches(matches, queries=(b, n), cells_of="query")
         if matches.is_multi:
             raise ValueError("matches must have a single positive per query (key_index (B, N) or key_points); "
                              "use PixContrastLoss for multi-positive matches")
@@ -308,14 +311,13 @@ class DenseInfoNCE(nn.Module):
         if key_d != d or key.shape[0] != b:
             raise ValueError(f"key must have batch {b} and D = {d}, but got {tuple(key.shape)}")
         if queue is not None:
-            check_shape("queue", queue, ("K", d), floating=True)
+            check_shape(queue, "queue", ("K", d), floating=True)
 
         with torch.autocast(device_type=q.device.type, enabled=False):
             weight = matches.effective_weight.to(q.device)
             pos = matches.gather(key)  # (B, N, D)
-            q32, pos32 = q.float(), pos.float()
-            if q.dtype == torch.float64 or pos.dtype == torch.float64:
-                q32, pos32 = q.double(), pos.double()
+            dtype = compute_dtype(q, pos)
+            q32, pos32 = q.to(dtype), pos.to(dtype)
             if normalize:
                 q32, pos32 = F.normalize(q32, dim=-1), F.normalize(pos32, dim=-1)
             if queue is None:

@@ -26,26 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densecontrast.losses.reduction import check_finite_positive, check_reduction, check_shape, reduce
+from densecontrast._checks import check_choice, check_positive, check_shape, to_compute
+from densecontrast.losses.reduction import REDUCTIONS, reduce
 
 __all__ = ["DenseSimSiamLoss", "RegionSimLoss", "dense_simsiam_loss", "region_embeddings", "region_sim_loss"]
 
-
-def _f32(x: Tensor) -> Tensor:
-    """At least float32 (half / bfloat16 are upcast, float64 is kept)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def _check_same(names: tuple[str, ...], tensors: tuple[Tensor, ...], pattern: tuple[str, ...]) -> None:
-    for name, t in zip(names, tensors):
-        check_shape(name, t, pattern, floating=True)
-    ref = tuple(tensors[0].shape)
-    for name, t in zip(names[1:], tensors[1:]):
-        if tuple(t.shape) != ref:
-            what = ", ".join(pattern)
-            raise ValueError(
-                f"{name} must have the shape ({what}) = {ref} of {names[0]}, but got {tuple(t.shape)}"
-            )
 
 
 def dense_simsiam_loss(
@@ -72,16 +57,17 @@ def dense_simsiam_loss(
         >>> round(dense_simsiam_loss(z, z, z, z).item(), 4)  # identical predictions: -1
         -1.0
     """
-    check_reduction(reduction)
-    _check_same(("p1", "z2", "p2", "z1"), (p1, z2, p2, z1), ("B", "N", "D"))
-    b, n, _ = p1.shape
+    check_choice(reduction, "reduction", REDUCTIONS)
+    dims: dict[str, int] = {}
+    for name, t in (("p1", p1), ("z2", z2), ("p2", p2), ("z1", z1)):
+        check_shape(t, name, ("B", "N", "D"), sizes=dims, of="p1", floating=True)
     if valid is not None:
-        check_shape("valid", valid, (b, n))
+        check_shape(valid, "valid", (dims["B"], dims["N"]))
     with torch.autocast(device_type=p1.device.type, enabled=False):
-        d12 = -(F.normalize(_f32(p1), dim=-1) * F.normalize(_f32(z2.detach()), dim=-1)).sum(-1)
-        d21 = -(F.normalize(_f32(p2), dim=-1) * F.normalize(_f32(z1.detach()), dim=-1)).sum(-1)
+        d12 = -(F.normalize(to_compute(p1), dim=-1) * F.normalize(to_compute(z2.detach()), dim=-1)).sum(-1)
+        d21 = -(F.normalize(to_compute(p2), dim=-1) * F.normalize(to_compute(z1.detach()), dim=-1)).sum(-1)
         loss = 0.5 * d12 + 0.5 * d21  # (B, N)
-        return reduce(loss, None if valid is None else _f32(valid), reduction)
+        return reduce(loss, None if valid is None else to_compute(valid), reduction)
 
 
 class DenseSimSiamLoss(nn.Module):
@@ -113,7 +99,7 @@ class DenseSimSiamLoss(nn.Module):
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
-        self.reduction = check_reduction(reduction)
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
 
     def forward(self, p1: Tensor, z2: Tensor, p2: Tensor, z1: Tensor, valid: Tensor | None = None) -> Tensor:
         """Symmetric negative cosine between predictions and stop-gradient projections."""
@@ -140,17 +126,12 @@ def region_embeddings(mask_logits: Tensor, features: Tensor) -> Tensor:
         tensor([[[2., 2., 2.],
                  [2., 2., 2.]]])
     """
-    check_shape("mask_logits", mask_logits, ("B", "K", "h", "w"), floating=True)
-    check_shape("features", features, ("B", "C", "h", "w"), floating=True)
-    b, _, h, w = mask_logits.shape
-    if features.shape[0] != b or features.shape[2:] != (h, w):
-        raise ValueError(
-            f"features must have shape (B, C, h, w) with (B, h, w) = ({b}, {h}, {w}) as mask_logits, "
-            f"but got {tuple(features.shape)}"
-        )
+    dims: dict[str, int] = {}
+    check_shape(mask_logits, "mask_logits", ("B", "K", "h", "w"), sizes=dims, floating=True)
+    check_shape(features, "features", ("B", "C", "h", "w"), sizes=dims, of="mask_logits", floating=True)
     with torch.autocast(device_type=features.device.type, enabled=False):
-        masks = torch.softmax(_f32(mask_logits), dim=1)
-        return torch.einsum("bkhw,bchw->bkc", masks, _f32(features))
+        masks = torch.softmax(to_compute(mask_logits), dim=1)
+        return torch.einsum("bkhw,bchw->bkc", masks, to_compute(features))
 
 
 def region_sim_loss(
@@ -183,15 +164,18 @@ def region_sim_loss(
         >>> region_sim_loss(z, z, z, z, temperature=0.1).item() < 1e-3
         True
     """
-    tau = check_finite_positive("temperature", temperature)
-    check_reduction(reduction)
-    _check_same(("p1", "z2", "p2", "z1"), (p1, z2, p2, z1), ("B", "K", "D"))
+    tau = check_positive(temperature, "temperature")
+    check_choice(reduction, "reduction", REDUCTIONS)
+    dims: dict[str, int] = {}
+    for name, t in (("p1", p1), ("z2", z2), ("p2", p2), ("z1", z1)):
+        check_shape(t, name, ("B", "K", "D"), sizes=dims, of="p1", floating=True)
     if stop_gradient:
         z1, z2 = z1.detach(), z2.detach()
     with torch.autocast(device_type=p1.device.type, enabled=False):
 
         def _direction(p: Tensor, z: Tensor) -> Tensor:
-            logits = torch.bmm(F.normalize(_f32(p), dim=-1), F.normalize(_f32(z), dim=-1).transpose(1, 2)) / tau
+            pn, zn = F.normalize(to_compute(p), dim=-1), F.normalize(to_compute(z), dim=-1)
+            logits = torch.bmm(pn, zn.transpose(1, 2)) / tau
             return -torch.diagonal(torch.log_softmax(logits, dim=-1), dim1=1, dim2=2)  # (B, K)
 
         loss = 0.5 * (_direction(p1, z2) + _direction(p2, z1))
@@ -226,9 +210,9 @@ class RegionSimLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, stop_gradient: bool = False, reduction: str = "mean") -> None:
         super().__init__()
-        self.temperature = check_finite_positive("temperature", temperature)
+        self.temperature = check_positive(temperature, "temperature")
         self.stop_gradient = bool(stop_gradient)
-        self.reduction = check_reduction(reduction)
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
 
     def forward(self, p1: Tensor, z2: Tensor, p2: Tensor, z1: Tensor) -> Tensor:
         """Symmetric region InfoNCE between predictions and projections of the two views."""

@@ -12,14 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from densecontrast._checks import check_choice, check_positive, check_shape, compute_dtype
 from densecontrast.losses.dense_infonce import dense_info_nce
-from densecontrast.losses.reduction import check_finite_positive, check_reduction, check_shape, reduce
+from densecontrast.losses.reduction import REDUCTIONS, reduce
 
 __all__ = ["BYOLLoss", "InfoNCE", "NegativeCosine", "byol_loss", "info_nce", "negative_cosine"]
-
-
-def _compute_dtype(*xs: Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def info_nce(
@@ -55,12 +52,12 @@ def info_nce(
         >>> info_nce(torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)).shape
         torch.Size([4])
     """
-    tau = check_finite_positive("temperature", temperature)
-    check_shape("query", query, ("B", "D"), floating=True)
-    check_shape("key", key, tuple(query.shape), floating=True)
+    tau = check_positive(temperature, "temperature")
+    _, d = check_shape(query, "query", ("B", "D"), floating=True)
+    check_shape(key, "key", query.shape, floating=True)
     if queue is not None:
-        check_shape("queue", queue, ("K", query.shape[1]), floating=True)
-    dtype = _compute_dtype(query, key)
+        check_shape(queue, "queue", ("K", d), floating=True)
+    dtype = compute_dtype(query, key)
     with torch.autocast(device_type=query.device.type, enabled=False):
         q, k = query.to(dtype), key.to(dtype)
         if normalize:
@@ -94,8 +91,8 @@ class InfoNCE(nn.Module):
 
     def __init__(self, temperature: float = 0.2, reduction: str = "mean") -> None:
         super().__init__()
-        self.temperature = check_finite_positive("temperature", temperature)
-        self.reduction = check_reduction(reduction)
+        self.temperature = check_positive(temperature, "temperature")
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reduction={self.reduction!r}"
@@ -110,10 +107,10 @@ def _pair_cosine(prediction: Tensor, target: Tensor, weight: Tensor | None) -> t
     if not isinstance(prediction, Tensor) or prediction.dim() not in (2, 3) or not prediction.is_floating_point():
         got = tuple(prediction.shape) if isinstance(prediction, Tensor) else type(prediction).__name__
         raise ValueError(f"prediction must be a float tensor of shape (B, D) or (B, N, D), but got {got}")
-    check_shape("target", target, tuple(prediction.shape), floating=True)
+    check_shape(target, "target", prediction.shape, floating=True)
     if weight is not None:
-        check_shape("weight", weight, tuple(prediction.shape[:-1]))
-    dtype = _compute_dtype(prediction, target)
+        check_shape(weight, "weight", prediction.shape[:-1])
+    dtype = compute_dtype(prediction, target)
     p = F.normalize(prediction.to(dtype), dim=-1)
     z = F.normalize(target.detach().to(dtype), dim=-1)
     return (p * z).sum(-1), weight
@@ -137,7 +134,7 @@ def byol_loss(prediction: Tensor, target: Tensor, weight: Tensor | None = None, 
         >>> byol_loss(p, torch.tensor([[1.0, 0.0], [0.0, -1.0]])).item()
         2.0
     """
-    check_reduction(reduction)
+    check_choice(reduction, "reduction", REDUCTIONS)
     with torch.autocast(device_type=prediction.device.type, enabled=False):
         cos, w = _pair_cosine(prediction, target, weight)
         return reduce(2.0 - 2.0 * cos, w, reduction)
@@ -159,7 +156,7 @@ def negative_cosine(
         >>> negative_cosine(torch.ones(2, 3, 4), torch.ones(2, 3, 4)).item()
         -1.0
     """
-    check_reduction(reduction)
+    check_choice(reduction, "reduction", REDUCTIONS)
     with torch.autocast(device_type=prediction.device.type, enabled=False):
         cos, w = _pair_cosine(prediction, target, weight)
         return reduce(-cos, w, reduction)
@@ -189,7 +186,7 @@ class BYOLLoss(nn.Module):
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
-        self.reduction = check_reduction(reduction)
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
 
     def forward(self, prediction: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         """See :func:`byol_loss`."""
@@ -214,7 +211,7 @@ class NegativeCosine(nn.Module):
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
-        self.reduction = check_reduction(reduction)
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
 
     def forward(self, prediction: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         """See :func:`negative_cosine`."""

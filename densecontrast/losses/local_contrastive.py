@@ -24,22 +24,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
-from densecontrast.losses.reduction import (
-    check_feature_map_pair,
-    check_finite_positive,
-    check_reduction,
-    reduce,
-)
+from densecontrast._checks import check_choice, check_matches, check_positive, check_shape, to_compute
+from densecontrast.losses.reduction import REDUCTIONS, reduce
 from densecontrast.matching.matches import Matches, sample_points
 
 __all__ = ["LocalContrastiveLoss", "local_contrastive_loss"]
-
-
-def _f32(x: Tensor) -> Tensor:
-    """At least float32 (half / bfloat16 are upcast, float64 is kept)."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def local_contrastive_loss(
@@ -77,30 +69,24 @@ def local_contrastive_loss(
         >>> loss.shape, bool(loss > 0)
         (torch.Size([]), True)
     """
-    tau = check_finite_positive("temperature", temperature)
-    check_reduction(reduction)
-    b, _, h, w, hk, wk = check_feature_map_pair("query", query, "key", key)
-    n = h * w
-    if not isinstance(matches, Matches):
-        raise ValueError(f"matches must be a densecontrast.matching.Matches, but got {type(matches).__name__}")
-    if tuple(matches.valid.shape) != (b, n):
-        raise ValueError(
-            f"matches must have B x N = {b} x {n} queries (one per cell of query), "
-            f"but matches.valid has shape {tuple(matches.valid.shape)}"
-        )
+    tau = check_positive(temperature, "temperature")
+    check_choice(reduction, "reduction", REDUCTIONS)
+    dims: dict[str, int] = {}
+    b, _, h, w = check_shape(query, "query", ("B", "D", "h", "w"), sizes=dims, floating=True)
+    _, _, hk, wk = check_shape(key, "key", ("B", "D", "h_k", "w_k"), sizes=dims, of="query", floating=True)
+    check_matches(matches, queries=(b, h * w), cells_of="query", key_shape=(hk, wk))
     if matches.key_points is None:
         raise ValueError("matches must carry key_points (B, N, 2) (a correspondence matcher), but got None")
-    if matches.key_shape is not None and tuple(matches.key_shape) != (hk, wk):
-        raise ValueError(f"matches.key_shape must equal the key grid {(hk, wk)}, but got {matches.key_shape}")
 
     with torch.autocast(device_type=query.device.type, enabled=False):
-        qn = F.normalize(_f32(query).flatten(2).transpose(1, 2), dim=-1)  # (B, N, D)
-        kn = F.normalize(_f32(key).flatten(2), dim=1)  # (B, D, M)
+        qn = F.normalize(rearrange(to_compute(query), "b d h w -> b (h w) d"), dim=-1)  # (B, N, D)
+        kn = F.normalize(rearrange(to_compute(key), "b d h w -> b d (h w)"), dim=1)  # (B, D, M)
         nll = -torch.log_softmax(torch.bmm(qn, kn) / tau, dim=-1)  # (B, N, M)
-        valid = matches.valid
-        pts = torch.where(valid[..., None], _f32(matches.key_points.detach()), 0.0)
-        sampled = sample_points(nll.reshape(b * n, 1, hk, wk), pts.reshape(b * n, 1, 2)).reshape(b, n)
-        return reduce(sampled, matches.effective_weight, reduction)
+        pts = torch.where(matches.valid[..., None], to_compute(matches.key_points.detach()), 0.0)
+        # every query's NLL map is a 1-image batch of its own, sampled at its one point
+        maps = rearrange(nll, "b n (h w) -> (b n) 1 h w", h=hk, w=wk)
+        sampled = sample_points(maps, rearrange(pts, "b n p -> (b n) 1 p"))  # (B * N, 1, 1)
+        return reduce(rearrange(sampled, "(b n) 1 1 -> b n", b=b), matches.effective_weight, reduction)
 
 
 class LocalContrastiveLoss(nn.Module):
@@ -138,8 +124,8 @@ class LocalContrastiveLoss(nn.Module):
 
     def __init__(self, temperature: float, reduction: str = "mean") -> None:
         super().__init__()
-        self.temperature = check_finite_positive("temperature", temperature)
-        self.reduction = check_reduction(reduction)
+        self.temperature = check_positive(temperature, "temperature")
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
 
     def forward(self, query: Tensor, key: Tensor, matches: Matches) -> Tensor:
         """LC-loss of the query cells against the key grid at the matched points."""

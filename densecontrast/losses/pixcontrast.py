@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from densecontrast._checks import check_choice, check_matches, check_positive, check_shape, compute_dtype
 from densecontrast.losses.dense_infonce import dense_keys, dense_queries
-from densecontrast.losses.reduction import check_finite_positive, check_reduction, reduce
+from densecontrast.losses.reduction import REDUCTIONS, reduce
 from densecontrast.matching.matches import Matches
 
 __all__ = ["PixContrastLoss", "pix_contrast"]
@@ -58,19 +59,14 @@ def pix_contrast(
         >>> loss.tolist(), has.tolist()
         ([[0.0, 0.0]], [[True, False]])
     """
-    tau = check_finite_positive("temperature", temperature)
-    if not isinstance(query, Tensor) or query.dim() != 3 or not query.is_floating_point():
-        got = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
-        raise ValueError(f"query must have shape (B, N, D), but got {got}")
-    b, n, d = query.shape
-    if not isinstance(key, Tensor) or key.dim() != 3 or key.shape[0] != b or key.shape[2] != d:
-        got = tuple(key.shape) if isinstance(key, Tensor) else type(key).__name__
-        raise ValueError(f"key must have shape (B, M, D) = ({b}, M, {d}), but got {got}")
-    m = key.shape[1]
-    if not isinstance(positive_mask, Tensor) or positive_mask.shape != (b, n, m) or positive_mask.dtype != torch.bool:
-        got = f"{tuple(positive_mask.shape)} {positive_mask.dtype}" if isinstance(positive_mask, Tensor) else None
-        raise ValueError(f"positive_mask must be a bool tensor of shape (B, N, M) = ({b}, {n}, {m}), but got {got}")
-    dtype = torch.float64 if torch.float64 in (query.dtype, key.dtype) else torch.float32
+    tau = check_positive(temperature, "temperature")
+    dims: dict[str, int] = {}
+    check_shape(query, "query", ("B", "N", "D"), sizes=dims, floating=True)
+    check_shape(key, "key", ("B", "M", "D"), sizes=dims, of="query")
+    check_shape(positive_mask, "positive_mask", ("B", "N", "M"), sizes=dims)
+    if positive_mask.dtype != torch.bool:
+        raise ValueError(f"positive_mask must be a bool tensor, but got dtype {positive_mask.dtype}")
+    dtype = compute_dtype(query, key)
     with torch.autocast(device_type=query.device.type, enabled=False):
         q, k = query.to(dtype), key.to(dtype)
         if normalize:
@@ -121,8 +117,8 @@ class PixContrastLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.3, reduction: str = "mean") -> None:
         super().__init__()
-        self.temperature = check_finite_positive("temperature", temperature)
-        self.reduction = check_reduction(reduction)
+        self.temperature = check_positive(temperature, "temperature")
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reduction={self.reduction!r}"
@@ -145,10 +141,7 @@ class PixContrastLoss(nn.Module):
         b, n, _ = q.shape
         m = k.shape[1]
         if isinstance(matches, Matches):
-            if matches.valid.shape != (b, n):
-                raise ValueError(
-                    f"matches must have (B, N) = ({b}, {n}) queries, but got {tuple(matches.valid.shape)}"
-                )
+            check_matches(matches, queries=(b, n), cells_of="query")
             mask = matches.to_dense(m).to(q.device)
             weight = matches.effective_weight.to(q.device)
         elif isinstance(matches, Tensor):

@@ -23,32 +23,16 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
-from densecontrast.losses.reduction import check_feature_map_pair, check_reduction, reduce
+from densecontrast._checks import check_choice, check_matches, check_shape, to_compute
+from densecontrast.losses.reduction import REDUCTIONS, reduce
 from densecontrast.matching.matches import Matches
 
 __all__ = ["PixProConsistencyLoss", "pixpro_consistency_loss"]
 
-
-def _f32(x: Tensor) -> Tensor:
-    """At least float32 (half / bfloat16 are upcast, float64 is kept)."""
-    return x if x.dtype == torch.float64 else x.float()
-
 _PER_IMAGE = ("pairs", "valid_images")
-
-
-def _check_matches(matches: object, b: int, n: int, key_shape: tuple[int, int]) -> Matches:
-    if not isinstance(matches, Matches):
-        raise ValueError(f"matches must be a densecontrast.matching.Matches, but got {type(matches).__name__}")
-    if tuple(matches.valid.shape) != (b, n):
-        raise ValueError(
-            f"matches must have B x N = {b} x {n} queries (one per cell of propagated), "
-            f"but matches.valid has shape {tuple(matches.valid.shape)}"
-        )
-    if matches.key_shape is not None and tuple(matches.key_shape) != key_shape:
-        raise ValueError(f"matches.key_shape must equal the target grid {key_shape}, but got {matches.key_shape}")
-    return matches
 
 
 def pixpro_consistency_loss(
@@ -91,17 +75,18 @@ def pixpro_consistency_loss(
         >>> round(float(pixpro_consistency_loss(x, x, m)), 4)  # perfectly aligned: -2
         -2.0
     """
-    if per_image not in _PER_IMAGE:
-        raise ValueError(f"per_image must be one of {_PER_IMAGE}, but got {per_image!r}")
-    check_reduction(reduction)
-    b, _, h, w, hk, wk = check_feature_map_pair("propagated", propagated, "target", target)
-    _check_matches(matches, b, h * w, (hk, wk))
+    check_choice(per_image, "per_image", _PER_IMAGE)
+    check_choice(reduction, "reduction", REDUCTIONS)
+    dims: dict[str, int] = {}
+    b, _, h, w = check_shape(propagated, "propagated", ("B", "D", "h", "w"), sizes=dims, floating=True)
+    _, _, hk, wk = check_shape(target, "target", ("B", "D", "h_k", "w_k"), sizes=dims, of="propagated", floating=True)
+    check_matches(matches, queries=(b, h * w), cells_of="propagated", key_shape=(hk, wk), key_name="target")
 
     with torch.autocast(device_type=propagated.device.type, enabled=False):
-        y = F.normalize(_f32(propagated).flatten(2).transpose(1, 2), dim=-1)  # (B, N, D)
-        tgt = _f32(target.detach())
+        y = F.normalize(rearrange(to_compute(propagated), "b d h w -> b (h w) d"), dim=-1)  # (B, N, D)
+        tgt = to_compute(target.detach())
         if matches.key_index is not None:
-            keys = F.normalize(tgt.flatten(2).transpose(1, 2), dim=-1)  # (B, M, D)
+            keys = F.normalize(rearrange(tgt, "b d h w -> b (h w) d"), dim=-1)  # (B, M, D)
             pos = matches.gather(keys)
         else:
             pos = F.normalize(matches.gather(tgt), dim=-1)
@@ -156,10 +141,8 @@ class PixProConsistencyLoss(nn.Module):
 
     def __init__(self, per_image: Literal["pairs", "valid_images"] = "pairs", reduction: str = "mean") -> None:
         super().__init__()
-        if per_image not in _PER_IMAGE:
-            raise ValueError(f"per_image must be one of {_PER_IMAGE}, but got {per_image!r}")
-        self.per_image = per_image
-        self.reduction = check_reduction(reduction)
+        self.per_image = check_choice(per_image, "per_image", _PER_IMAGE)
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
 
     def forward(self, propagated: Tensor, target: Tensor, matches: Matches) -> Tensor:
         """Loss of the online propagated map against the target projections at the positives."""

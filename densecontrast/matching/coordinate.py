@@ -12,11 +12,11 @@ Convention:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from densecontrast._checks import check_geometry_pair, check_grid_shape, check_int, check_positive
 from densecontrast.geometry import ViewGeometry
 from densecontrast.matching.matches import Matches
 
@@ -29,39 +29,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------- shared helpers
-def _check_grid_shape(name: str, shape: object) -> tuple[int, int]:
-    """Validate a feature-map size ``(h, w)`` of two positive ints."""
-    ok = isinstance(shape, Sequence) and len(shape) == 2
-    if ok:
-        try:
-            h, w = (int(s) for s in shape)  # type: ignore[union-attr]
-            ok = h > 0 and w > 0 and all(float(s) == int(s) for s in shape)  # type: ignore[union-attr]
-        except (TypeError, ValueError):
-            ok = False
-    if not ok:
-        raise ValueError(f"{name} must be a feature-map size (h, w) of two positive ints, but got {shape!r}")
-    return h, w
-
-
-def _check_geometry_pair(query_geometry: object, key_geometry: object) -> tuple[ViewGeometry, ViewGeometry]:
-    """Validate two geometries of the same batch; promote them to one dtype."""
-    for name, g in (("query_geometry", query_geometry), ("key_geometry", key_geometry)):
-        if not isinstance(g, ViewGeometry):
-            raise TypeError(f"{name} must be a ViewGeometry, but got {type(g).__name__}")
-    assert isinstance(query_geometry, ViewGeometry) and isinstance(key_geometry, ViewGeometry)
-    if len(query_geometry) != len(key_geometry):
-        raise ValueError(
-            f"key_geometry must hold as many views as query_geometry (B = {len(query_geometry)}), "
-            f"but got {len(key_geometry)}"
-        )
-    dtype = torch.promote_types(query_geometry.dtype, key_geometry.dtype)
-    if query_geometry.dtype != dtype:
-        query_geometry = query_geometry.to(dtype)
-    if key_geometry.dtype != dtype or key_geometry.device != query_geometry.device:
-        key_geometry = key_geometry.to(device=query_geometry.device, dtype=dtype)
-    return query_geometry, key_geometry
-
-
 def center_distance(a: Tensor, b: Tensor) -> Tensor:
     """Euclidean distance between image-space points, elementwise over broadcast shapes.
 
@@ -144,11 +111,10 @@ def coordinate_match(
                 [0, 0, 0, 1],
                 [0, 0, 1, 0]], dtype=torch.int32)
     """
-    query_geometry, key_geometry = _check_geometry_pair(query_geometry, key_geometry)
-    hq, wq = _check_grid_shape("query_shape", query_shape)
-    hk, wk = _check_grid_shape("key_shape", key_shape)
-    if not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 0:
-        raise ValueError(f"threshold must be a finite number > 0 (bin diagonals), but got {threshold!r}")
+    query_geometry, key_geometry = check_geometry_pair(query_geometry, key_geometry)
+    hq, wq = check_grid_shape(query_shape, "query_shape")
+    hk, wk = check_grid_shape(key_shape, "key_shape")
+    threshold = check_positive(threshold, "threshold", note="(bin diagonals)")
     with torch.no_grad():
         b = len(query_geometry)
         n = hq * wq
@@ -220,9 +186,7 @@ class CoordinateMatcher(nn.Module):
 
     def __init__(self, threshold: float = 0.7) -> None:
         super().__init__()
-        if not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 0:
-            raise ValueError(f"threshold must be a finite number > 0 (bin diagonals), but got {threshold!r}")
-        self.threshold = float(threshold)
+        self.threshold = check_positive(threshold, "threshold", note="(bin diagonals)")
 
     def forward(
         self,
@@ -283,11 +247,10 @@ def nearest_coordinate_match(
         >>> m.valid, m.key_index
         (tensor([[False, False,  True,  True]]), tensor([[0, 0, 0, 1]]))
     """
-    query_geometry, key_geometry = _check_geometry_pair(query_geometry, key_geometry)
-    hq, wq = _check_grid_shape("query_shape", query_shape)
-    hk, wk = _check_grid_shape("key_shape", key_shape)
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
-        raise ValueError(f"topk must be None or an int >= 1, but got {topk!r}")
+    query_geometry, key_geometry = check_geometry_pair(query_geometry, key_geometry)
+    hq, wq = check_grid_shape(query_shape, "query_shape")
+    hk, wk = check_grid_shape(key_shape, "key_shape")
+    check_int(topk, "topk", 1, allow_none=True)
     with torch.no_grad():
         cq = query_geometry.grid(hq, wq)
         uv = key_geometry.to_cells(cq, hk, wk)
@@ -332,9 +295,7 @@ class NearestCoordinateMatcher(nn.Module):
 
     def __init__(self, topk: int | None = None) -> None:
         super().__init__()
-        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
-            raise ValueError(f"topk must be None or an int >= 1, but got {topk!r}")
-        self.topk = topk
+        self.topk = check_int(topk, "topk", 1, allow_none=True)
 
     def forward(
         self,

@@ -15,18 +15,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from densecontrast._checks import check_choice, check_geometry_pair, check_grid_shape
 from densecontrast.geometry import ViewGeometry
-from densecontrast.matching.coordinate import _check_geometry_pair, _check_grid_shape
 from densecontrast.matching.matches import Matches
 
 __all__ = ["CorrespondenceMatcher", "correspondence_match"]
 
 _BORDERS = ("view", "interior")
-
-
-def _check_border(border: object) -> None:
-    if border not in _BORDERS:
-        raise ValueError(f"border must be one of {_BORDERS}, but got {border!r}")
 
 
 def correspondence_match(
@@ -74,10 +69,10 @@ def correspondence_match(
                  [1., 0.],
                  [0., 0.]]])
     """
-    query_geometry, key_geometry = _check_geometry_pair(query_geometry, key_geometry)
-    hq, wq = _check_grid_shape("query_shape", query_shape)
-    hk, wk = _check_grid_shape("key_shape", key_shape)
-    _check_border(border)
+    query_geometry, key_geometry = check_geometry_pair(query_geometry, key_geometry)
+    hq, wq = check_grid_shape(query_shape, "query_shape")
+    hk, wk = check_grid_shape(key_shape, "key_shape")
+    check_choice(border, "border", _BORDERS)
     with torch.no_grad():
         cq = query_geometry.grid(hq, wq)
         uv = key_geometry.to_cells(cq, hk, wk)
@@ -113,8 +108,7 @@ class CorrespondenceMatcher(nn.Module):
 
     def __init__(self, border: Literal["view", "interior"] = "view") -> None:
         super().__init__()
-        _check_border(border)
-        self.border = border
+        self.border = check_choice(border, "border", _BORDERS)
 
     def forward(
         self,

@@ -16,10 +16,18 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import repeat
 from torch import Tensor, nn
 
+from densecontrast._checks import (
+    check_choice,
+    check_geometry_pair,
+    check_grid_shape,
+    check_int,
+    check_number,
+    check_shape,
+)
 from densecontrast.geometry import ViewGeometry
-from densecontrast.matching.coordinate import _check_geometry_pair, _check_grid_shape
 from densecontrast.matching.matches import Matches, sample_points
 
 __all__ = ["LocationMatcher", "location_match"]
@@ -28,26 +36,20 @@ _SAMPLINGS = ("grid", "random", "hard")
 
 
 def _check_options(num_points: object, sampling: object, oversample: object, hard_fraction: object) -> None:
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-        raise ValueError(f"num_points must be an int >= 1, but got {num_points!r}")
-    if sampling not in _SAMPLINGS:
-        raise ValueError(f"sampling must be one of {_SAMPLINGS}, but got {sampling!r}")
-    if sampling == "grid" and math.isqrt(num_points) ** 2 != num_points:
+    check_int(num_points, "num_points", 1)
+    check_choice(sampling, "sampling", _SAMPLINGS)
+    if sampling == "grid" and math.isqrt(num_points) ** 2 != num_points:  # type: ignore[arg-type]
         raise ValueError(f"num_points must be a perfect square (g x g grid) for sampling='grid', but got {num_points}")
-    if isinstance(oversample, bool) or not isinstance(oversample, (int, float)) or not oversample >= 1:
-        raise ValueError(f"oversample must be a number >= 1 (candidates per kept point), but got {oversample!r}")
-    if isinstance(hard_fraction, bool) or not isinstance(hard_fraction, (int, float)) or not 0 <= hard_fraction <= 1:
-        raise ValueError(f"hard_fraction must be a number in [0, 1], but got {hard_fraction!r}")
+    check_number(oversample, "oversample", 1, finite=False, note="(candidates per kept point)")
+    check_number(hard_fraction, "hard_fraction", 0, 1)
 
 
 def _embedding_shape(name: str, emb: Tensor | None, b: int, given: object, given_name: str) -> tuple[int, int] | None:
     if emb is None:
-        return None if given is None else _check_grid_shape(given_name, given)
-    if not isinstance(emb, Tensor) or emb.dim() != 4 or emb.shape[0] != b:
-        got = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
-        raise ValueError(f"{name} must have shape (B, D, h, w) with B = {b}, but got {got}")
-    shape = (emb.shape[2], emb.shape[3])
-    if given is not None and _check_grid_shape(given_name, given) != shape:
+        return None if given is None else check_grid_shape(given, given_name)
+    _, _, h, w = check_shape(emb, name, ("B", "D", "h", "w"), sizes={"B": b})
+    shape = (h, w)
+    if given is not None and check_grid_shape(given, given_name) != shape:
         raise ValueError(f"{given_name} must agree with {name}'s spatial size {shape}, but got {given!r}")
     return shape
 
@@ -118,7 +120,7 @@ def location_match(
         >>> m.query_points[0, 0], m.key_points[0, 0].round(decimals=5) + 0.0  # image point (0.3, 0.3) in both
         (tensor([1.5000, 1.5000]), tensor([3., 0.]))
     """
-    query_geometry, key_geometry = _check_geometry_pair(query_geometry, key_geometry)
+    query_geometry, key_geometry = check_geometry_pair(query_geometry, key_geometry)
     _check_options(num_points, sampling, oversample, hard_fraction)
     b = len(query_geometry)
     q_shape = _embedding_shape("query_embeddings", query_embeddings, b, query_shape, "query_shape")
@@ -151,7 +153,7 @@ def location_match(
             points = torch.cat([hard, _uniform(lo, ext, num_points - n_hard, generator)], dim=1)
         query_points = query_geometry.to_cells(points, *q_shape)
         key_points = key_geometry.to_cells(points, *k_shape)
-        valid = (area > 0)[:, None].expand(b, num_points).clone()
+        valid = repeat(area > 0, "b -> b n", n=num_points).clone()
     return Matches(
         valid=valid,
         weight=torch.ones(b, num_points, dtype=points.dtype, device=points.device),

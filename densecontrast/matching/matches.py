@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 __all__ = ["Matches"]
@@ -135,18 +136,18 @@ class Matches:
             get some in-range key; mask them with :attr:`valid`.
         """
         if keys.dim() == 4:
-            b, d, h, w = keys.shape
+            b = keys.shape[0]
             fmap = keys
-            flat = keys.flatten(2).transpose(1, 2)
+            flat = rearrange(keys, "b d h w -> b (h w) d")
         elif keys.dim() == 3:
             flat = keys
-            b, m, d = keys.shape
+            b, m, _ = keys.shape
             fmap = None
             if self.key_shape is not None:
                 h, w = self.key_shape
                 if h * w != m:
                     raise ValueError(f"keys has M = {m} entries, but key_shape is {self.key_shape}")
-                fmap = keys.transpose(1, 2).reshape(b, d, h, w)
+                fmap = rearrange(keys, "b (h w) d -> b d h w", h=h, w=w)
         else:
             raise ValueError(f"keys must have shape (B, M, D) or (B, D, h, w), but got {tuple(keys.shape)}")
         if b != self.batch_size:
@@ -212,8 +213,6 @@ def sample_points(feature_map: Tensor, points: Tensor) -> Tensor:
         raise ValueError(f"points must have shape (B, N, 2) with B = {b}, but got {tuple(points.shape)}")
     size = points.new_tensor([w, h])
     g = (2 * points + 1) / size - 1
-    out = F.grid_sample(
-        feature_map, g[:, :, None, :].to(feature_map.dtype), mode="bilinear",
-        padding_mode="border", align_corners=False,
-    )
-    return out[..., 0].transpose(1, 2)
+    grid = rearrange(g, "b n p -> b n 1 p").to(feature_map.dtype)  # an N x 1 "image" of sample points
+    out = F.grid_sample(feature_map, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return rearrange(out, "b d n 1 -> b n d")

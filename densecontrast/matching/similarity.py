@@ -13,10 +13,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
+from densecontrast._checks import check_choice, check_geometry_pair, check_grid_shape, check_int, compute_dtype
 from densecontrast.geometry import ViewGeometry
-from densecontrast.matching.coordinate import _check_geometry_pair, _check_grid_shape
 from densecontrast.matching.matches import Matches
 
 __all__ = ["SimilarityMatcher", "similarity_match"]
@@ -25,31 +26,24 @@ _METRICS = ("cosine", "l2")
 
 
 def _flatten(name: str, x: object) -> tuple[Tensor, tuple[int, int] | None]:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, h, w) or (B, N, C), but got {type(x).__name__}")
-    if x.dim() == 4:
-        return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
-    if x.dim() == 3:
+    """``(B, C, h, w)`` -> ``(B, h*w, C)`` rows and ``(h, w)``; ``(B, N, C)`` passes with ``None``."""
+    if isinstance(x, Tensor) and x.dim() == 4:
+        return rearrange(x, "b c h w -> b (h w) c"), (x.shape[2], x.shape[3])
+    if isinstance(x, Tensor) and x.dim() == 3:
         return x, None
-    raise ValueError(f"{name} must have shape (B, C, h, w) or (B, N, C), but got {tuple(x.shape)}")
+    got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+    raise ValueError(f"{name} must have shape (B, C, h, w) or (B, N, C), but got {got}")
 
 
 def _resolve_shape(name: str, from_map: tuple[int, int] | None, given: object, n: int) -> tuple[int, int] | None:
     if given is None:
         return from_map
-    shape = _check_grid_shape(name, given)
+    shape = check_grid_shape(given, name)
     if from_map is not None and shape != from_map:
         raise ValueError(f"{name} must agree with the feature map size {from_map}, but got {shape}")
     if shape[0] * shape[1] != n:
         raise ValueError(f"{name} must satisfy h * w = N = {n}, but got {shape}")
     return shape
-
-
-def _check_options(chunk_size: object, metric: object) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1 (query rows held at once), but got {chunk_size!r}")
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, but got {metric!r}")
 
 
 def similarity_match(
@@ -110,7 +104,8 @@ def similarity_match(
         >>> similarity_match(q, k, metric="l2").key_index  # raw distances: (1, 1) is nearer (0, 2)
         tensor([[1, 0, 0]])
     """
-    _check_options(chunk_size, metric)
+    check_int(chunk_size, "chunk_size", 1, note="(query rows held at once)")
+    check_choice(metric, "metric", _METRICS)
     q, q_map = _flatten("query_features", query_features)
     k, k_map = _flatten("key_features", key_features)
     b, n, c = q.shape
@@ -128,14 +123,12 @@ def similarity_match(
     if (query_geometry is None) != (key_geometry is None):
         raise ValueError("query_geometry and key_geometry must be given together, but got only one")
     if query_geometry is not None:
-        qg, kg = _check_geometry_pair(query_geometry, key_geometry)
-        if len(qg) != b:
-            raise ValueError(f"query_geometry must hold B = {b} views like the features, but got {len(qg)}")
+        qg, kg = check_geometry_pair(query_geometry, key_geometry, batch=b)
         if q_shape is None:
             raise ValueError("query_shape is required with geometry when query_features is (B, N, C)")
         in_box = kg.contains(qg.grid(*q_shape)).to(q.device)
 
-    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
+    dtype = compute_dtype(q, k)
     device = q.device
     index = torch.empty(b, n, dtype=torch.long, device=device)
     sim = torch.empty(b, n, dtype=dtype, device=device)
@@ -191,9 +184,8 @@ class SimilarityMatcher(nn.Module):
 
     def __init__(self, chunk_size: int = 1024, metric: Literal["cosine", "l2"] = "cosine") -> None:
         super().__init__()
-        _check_options(chunk_size, metric)
-        self.chunk_size = chunk_size
-        self.metric = metric
+        self.chunk_size = check_int(chunk_size, "chunk_size", 1, note="(query rows held at once)")
+        self.metric = check_choice(metric, "metric", _METRICS)
 
     def forward(
         self,

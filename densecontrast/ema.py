@@ -25,9 +25,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from densecontrast._checks import check_choice, check_int, check_number, check_type
 from densecontrast.distributed import unwrap_model
 
-__all__ = ["EMA", "BufferMode", "MomentumEncoder", "ema_update_"]
+__all__ = ["EMA", "BufferMode", "ema_update_"]
 
 BufferMode = Literal["copy", "average", "none"]
 _BUFFER_MODES = ("copy", "average", "none")
@@ -84,11 +85,8 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float, buffers: 
         >>> bool(torch.equal(target.weight, online.weight))
         True
     """
-    m = float(momentum)
-    if not 0.0 <= m <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], but got {momentum!r}")
-    if buffers not in _BUFFER_MODES:
-        raise ValueError(f"buffers must be one of {_BUFFER_MODES}, but got {buffers!r}")
+    m = check_number(momentum, "momentum", 0, 1)
+    check_choice(buffers, "buffers", _BUFFER_MODES)
     online = unwrap_model(online)
     tgt, src = _pairs("parameters", list(target.named_parameters()), list(online.named_parameters()))
     if tgt:
@@ -126,6 +124,15 @@ class EMA(nn.Module):
     State (``state_dict``): the target's parameters and buffers (``target.*``) and the step
     counter ``step_count``. Save it with the model; after ``load_state_dict`` a resumed run
     continues exactly as an uninterrupted one.
+
+    It is the momentum (key / target) encoder of DenseCL, PixCon, PixPro and LC-loss::
+
+        target = EMA(online_encoder, CosineMomentum(total_steps, base=0.99), buffers="none")
+        for step, batch in enumerate(loader):
+            target.update(step)            # update-before-keys (PixPro) ...
+            keys = target(view_2)          # no_grad forward of the target
+            loss = ...; loss.backward(); optimizer.step()
+            # ... or call target.update(step) here instead (update-after-step, PixCon)
 
     Args:
         model: the online model (possibly DDP-wrapped or compiled).
@@ -169,16 +176,11 @@ class EMA(nn.Module):
         update_after_step: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be an nn.Module, but got {type(model).__name__}")
+        check_type(model, "model", nn.Module, what="an nn.Module")
         if not callable(momentum):
-            m = float(momentum)
-            if not 0.0 <= m <= 1.0:
-                raise ValueError(f"momentum must be in [0, 1] or a callable schedule, but got {momentum!r}")
-        if buffers not in _BUFFER_MODES:
-            raise ValueError(f"buffers must be one of {_BUFFER_MODES}, but got {buffers!r}")
-        if isinstance(update_after_step, bool) or not isinstance(update_after_step, int) or update_after_step < 0:
-            raise ValueError(f"update_after_step must be an int >= 0, but got {update_after_step!r}")
+            check_number(momentum, "momentum", 0, 1, note="or a callable schedule")
+        check_choice(buffers, "buffers", _BUFFER_MODES)
+        check_int(update_after_step, "update_after_step", 0)
         online = unwrap_model(model)
         # Not a submodule: keeps the online weights out of this module's state_dict / .to() / .train().
         object.__setattr__(self, "_online", online)
@@ -259,24 +261,3 @@ class EMA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"momentum={self.schedule!r}, buffers={self.buffers_mode!r}, update_after_step={self.update_after_step}"
-
-
-class MomentumEncoder(EMA):
-    """The momentum (key / target) encoder of DenseCL, PixCon and PixPro: an :class:`EMA` of the online encoder.
-
-    Identical to :class:`EMA`; the name says what it is for in a contrastive loop. Typical use::
-
-        target = MomentumEncoder(online_encoder, CosineMomentum(total_steps, base=0.99))
-        for step, batch in enumerate(loader):
-            target.update(step)            # update-before-keys (PixPro) ...
-            keys = target(view_2)          # no_grad forward of the target
-            loss = ...; loss.backward(); optimizer.step()
-            # ... or call target.update(step) here instead (update-after-step, PixCon)
-
-    Examples:
-        >>> import torch
-        >>> enc = torch.nn.Conv2d(3, 8, 1)
-        >>> target = MomentumEncoder(enc, 0.999)
-        >>> target(torch.randn(2, 3, 4, 4)).shape
-        torch.Size([2, 8, 4, 4])
-    """

@@ -12,7 +12,7 @@ ResNet-50 C5 map):
 |---|---|---|---|
 | `pixcon_heads` | `projector` | `ProjectionMLP` (BN) | C -> 2048 -> 128 |
 | | `dense_projector` | `DenseProjection` (BN) | C -> 2048 -> 128 |
-| | `predictor` | `Predictor` (BN) | 128 -> 2048 -> 128 |
+| | `predictor` | `ProjectionMLP` (BN) | 128 -> 2048 -> 128 |
 | | `dense_predictor` | `DensePredictor` (BN) | 128 -> 2048 -> 128 |
 | `densecl_heads` | `projector` | `ProjectionMLP` (no BN) | C -> 2048 -> 128 |
 | | `dense_projector` | `DenseProjection` (no BN) | C -> 2048 -> 128 |
@@ -21,15 +21,15 @@ ResNet-50 C5 map):
 | | `instance_projector` (optional) | `DenseProjection` (BN) | C -> 4096 -> 256 |
 | | `instance_predictor` (optional) | `DensePredictor` (BN) | 256 -> 4096 -> 256 |
 | `lc_heads` | `projector` | `ProjectionMLP` (BN) | C -> 4096 -> 256 |
-| | `predictor` | `Predictor` (BN) | 256 -> 4096 -> 256 |
+| | `predictor` | `ProjectionMLP` (BN) | 256 -> 4096 -> 256 |
 | | `dense_projector` | `DenseProjection` (BN) | C -> 2048 -> 256 |
 | `densesiam_heads` | `projector` | `ProjectionMLP` (BN, last BN) | C -> 2048 -> 2048 |
-| | `predictor` | `Predictor` (BN) | 2048 -> 512 -> 2048 |
+| | `predictor` | `ProjectionMLP` (BN) | 2048 -> 512 -> 2048 |
 | | `dense_projector` | `DenseProjection` (BN) | C -> 2048 -> 2048 |
 | | `dense_predictor` | `DensePredictor` (BN) | 2048 -> 512 -> 2048 |
 | | `region_logits` (optional) | `DenseProjection` (BN) + BN without affine | C -> 2048 -> K |
 | | `region_projector` (optional) | `ProjectionMLP` (BN) | C -> 2048 -> 256 |
-| | `region_predictor` (optional) | `Predictor` (BN) | 256 -> 512 -> 256 |
+| | `region_predictor` (optional) | `ProjectionMLP` (BN) | 256 -> 512 -> 256 |
 
 PixCon, DenseCL, PixPro and LC-loss dimensions follow the methods' released configurations or
 papers. DenseSiam's pre-training heads were not released; its defaults follow the SimSiam recipe
@@ -46,13 +46,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
+
+from densecontrast._checks import check_choice, check_int, check_positive, check_shape, to_compute
 
 __all__ = [
     "DensePredictor",
     "DenseProjection",
     "PixelPropagation",
-    "Predictor",
     "ProjectionMLP",
     "densecl_heads",
     "densesiam_heads",
@@ -63,26 +65,11 @@ __all__ = [
 ]
 
 
-def _f32(x: Tensor) -> Tensor:
-    """At least float32 (half / bfloat16 are upcast, float64 is kept)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def _check_dims(**dims: int) -> None:
-    for name, value in dims.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, but got {value!r}")
-
-
-def _check_input(name: str, x: object, ndim: int, channels: int, what: str) -> Tensor:
-    if not isinstance(x, Tensor) or x.dim() != ndim or x.shape[1] != channels:
-        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must have shape {what} with {channels} channels, but got {got}")
-    return x
-
-
 class ProjectionMLP(nn.Module):
     """Two-layer MLP ``Linear -> [BN] -> ReLU -> Linear [-> BN]`` on ``(B, C)`` vectors.
+
+    The projector and the predictor (BYOL / SimSiam / PixCon) of every method: both have this
+    layout, so the factories build both from this class.
 
     Args:
         in_dim: input features ``C``.
@@ -105,7 +92,8 @@ class ProjectionMLP(nn.Module):
         self, in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = True, last_bn: bool = False
     ) -> None:
         super().__init__()
-        _check_dims(in_dim=in_dim, hidden_dim=hidden_dim, out_dim=out_dim)
+        for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
+            check_int(value, name, 1)
         self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
         layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
         if batch_norm:
@@ -117,18 +105,8 @@ class ProjectionMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Project ``(B, in_dim)`` -> ``(B, out_dim)``."""
-        _check_input("x", x, 2, self.in_dim, "(B, C)")
+        check_shape(x, "x", ("B", "C"), sizes={"C": self.in_dim})
         return self.net(x)
-
-
-class Predictor(ProjectionMLP):
-    """Predictor MLP (BYOL / SimSiam / PixCon): same layout as :class:`ProjectionMLP`.
-
-    Examples:
-        >>> _ = torch.manual_seed(0)
-        >>> Predictor(128, 2048, 128)(torch.randn(4, 128)).shape
-        torch.Size([4, 128])
-    """
 
 
 class DenseProjection(nn.Module):
@@ -153,7 +131,8 @@ class DenseProjection(nn.Module):
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = True) -> None:
         super().__init__()
-        _check_dims(in_dim=in_dim, hidden_dim=hidden_dim, out_dim=out_dim)
+        for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
+            check_int(value, name, 1)
         self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
         layers: list[nn.Module] = [nn.Conv2d(in_dim, hidden_dim, 1)]
         if batch_norm:
@@ -163,7 +142,7 @@ class DenseProjection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Project ``(B, in_dim, h, w)`` -> ``(B, out_dim, h, w)``."""
-        _check_input("x", x, 4, self.in_dim, "(B, C, h, w)")
+        check_shape(x, "x", ("B", "C", "h", "w"), sizes={"C": self.in_dim})
         return self.net(x)
 
 
@@ -171,7 +150,10 @@ class DensePredictor(nn.Module):
     """Per-pixel predictor that runs on the flattened ``(B * h * w, D)`` pixel matrix.
 
     ``Linear -> BatchNorm1d -> ReLU -> Linear`` applied to every pixel vector, so the BatchNorm
-    statistics pool over **all pixels of the batch** (PixCon's dense predictor).
+    statistics pool over **all pixels of the batch** (PixCon's dense predictor). It computes the
+    same function as a :class:`DenseProjection` with the same weights, but keeps PixCon's
+    parameter layout (``Linear`` weights ``(out, in)`` under ``mlp.net.*``), so its ``state_dict``
+    is that of a :class:`ProjectionMLP`.
 
     Args:
         in_dim: input channels ``D``.
@@ -196,11 +178,9 @@ class DensePredictor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Predict ``(B, in_dim, h, w)`` -> ``(B, out_dim, h, w)``."""
-        _check_input("x", x, 4, self.in_dim, "(B, D, h, w)")
-        b, d, h, w = x.shape
-        flat = x.permute(0, 2, 3, 1).reshape(b * h * w, d)
-        out = self.mlp(flat)
-        return out.reshape(b, h, w, self.out_dim).permute(0, 3, 1, 2)
+        b, _, h, w = check_shape(x, "x", ("B", "D", "h", "w"), sizes={"D": self.in_dim})
+        out = self.mlp(rearrange(x, "b d h w -> (b h w) d"))
+        return rearrange(out, "(b h w) d -> b d h w", b=b, h=h, w=w)
 
 
 def pixel_propagation(x: Tensor, gx: Tensor, gamma: float = 2.0) -> Tensor:
@@ -221,23 +201,19 @@ def pixel_propagation(x: Tensor, gx: Tensor, gamma: float = 2.0) -> Tensor:
         >>> pixel_propagation(x, torch.tensor([[[[1.0, 2.0]]]]))  # negative cosine clamps to 0
         tensor([[[[1., 2.]]]])
     """
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"x must have shape (B, D, h, w), but got {tuple(x.shape) if isinstance(x, Tensor) else x}")
-    if not isinstance(gx, Tensor) or gx.dim() != 4 or gx.shape[0] != x.shape[0] or gx.shape[2:] != x.shape[2:]:
-        got = tuple(gx.shape) if isinstance(gx, Tensor) else type(gx).__name__
-        raise ValueError(f"gx must have shape (B, D', h, w) = ({x.shape[0]}, *, {x.shape[2]}, {x.shape[3]}), "
-                         f"but got {got}")
-    if not gamma > 0:
-        raise ValueError(f"gamma must be > 0, but got {gamma!r}")
-    b, _, h, w = x.shape
+    dims: dict[str, int] = {}
+    check_shape(x, "x", ("B", "D", "h", "w"), sizes=dims)
+    check_shape(gx, "gx", ("B", "D'", "h", "w"), sizes=dims, of="x")
+    gamma = check_positive(gamma, "gamma")
     with torch.autocast(device_type=x.device.type, enabled=False):
-        xn = F.normalize(_f32(x).flatten(2), dim=1)  # (B, D, N)
+        xn = F.normalize(rearrange(to_compute(x), "b d h w -> b d (h w)"), dim=1)  # (B, D, N)
         sim = torch.bmm(xn.transpose(1, 2), xn).clamp_min(0)  # (B, N, N), s_ij
         if gamma < 1:  # d/ds s^gamma is infinite at 0
             sim = sim + 1e-6
         sim = sim.pow(gamma)
-        y = torch.bmm(_f32(gx).flatten(2), sim.transpose(1, 2))  # (B, D', N): y_i = sum_j s_ij g_j
-    return y.reshape(b, -1, h, w)
+        g = rearrange(to_compute(gx), "b d h w -> b d (h w)")
+        y = torch.bmm(g, sim.transpose(1, 2))  # (B, D', N): y_i = sum_j s_ij g_j
+    return rearrange(y, "b d (h w) -> b d h w", h=dims["h"], w=dims["w"])
 
 
 class PixelPropagation(nn.Module):
@@ -267,12 +243,9 @@ class PixelPropagation(nn.Module):
 
     def __init__(self, dim: int, gamma: float = 2.0, transform_layers: int = 1) -> None:
         super().__init__()
-        _check_dims(dim=dim)
-        if not (isinstance(gamma, (int, float)) and gamma > 0 and gamma != float("inf")):
-            raise ValueError(f"gamma must be a finite number > 0, but got {gamma!r}")
-        if transform_layers not in (0, 1, 2):
-            raise ValueError(f"transform_layers must be 0, 1 or 2, but got {transform_layers!r}")
-        self.dim, self.gamma, self.transform_layers = dim, float(gamma), transform_layers
+        self.dim = check_int(dim, "dim", 1)
+        self.gamma = check_positive(gamma, "gamma")
+        self.transform_layers = check_choice(transform_layers, "transform_layers", (0, 1, 2))
         if transform_layers == 0:
             self.transform: nn.Module = nn.Identity()
         elif transform_layers == 1:
@@ -284,8 +257,8 @@ class PixelPropagation(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Propagate ``(B, D, h, w)`` -> ``(B, D, h, w)``."""
-        _check_input("x", x, 4, self.dim, "(B, D, h, w)")
-        gx = F.normalize(_f32(self.transform(x)), dim=1)
+        check_shape(x, "x", ("B", "D", "h", "w"), sizes={"D": self.dim})
+        gx = F.normalize(to_compute(self.transform(x)), dim=1)
         return pixel_propagation(x, gx, self.gamma)
 
 
@@ -320,7 +293,7 @@ def pixcon_heads(
         {
             "projector": ProjectionMLP(in_dim, hidden_dim, out_dim),
             "dense_projector": DenseProjection(in_dim, hidden_dim, out_dim),
-            "predictor": Predictor(out_dim, ph, out_dim),
+            "predictor": ProjectionMLP(out_dim, ph, out_dim),
             "dense_predictor": DensePredictor(out_dim, ph, out_dim),
         }
     )
@@ -421,7 +394,7 @@ def lc_heads(
     return nn.ModuleDict(
         {
             "projector": ProjectionMLP(in_dim, hidden_dim, out_dim),
-            "predictor": Predictor(out_dim, hidden_dim, out_dim),
+            "predictor": ProjectionMLP(out_dim, hidden_dim, out_dim),
             "dense_projector": DenseProjection(in_dim, dense_hidden_dim, dense_out_dim),
         }
     )
@@ -461,16 +434,17 @@ def densesiam_heads(
     """
     heads = {
         "projector": ProjectionMLP(in_dim, hidden_dim, out_dim, last_bn=True),
-        "predictor": Predictor(out_dim, pred_hidden_dim, out_dim),
+        "predictor": ProjectionMLP(out_dim, pred_hidden_dim, out_dim),
         "dense_projector": DenseProjection(in_dim, hidden_dim, out_dim),
         "dense_predictor": DensePredictor(out_dim, pred_hidden_dim, out_dim),
     }
     if num_regions is not None:
-        _check_dims(num_regions=num_regions, region_dim=region_dim)
+        check_int(num_regions, "num_regions", 1)
+        check_int(region_dim, "region_dim", 1)
         # the released DenseSiam ends the mask head with a BatchNorm without affine parameters
         heads["region_logits"] = nn.Sequential(
             DenseProjection(in_dim, hidden_dim, num_regions), nn.BatchNorm2d(num_regions, affine=False)
         )
         heads["region_projector"] = ProjectionMLP(in_dim, hidden_dim, region_dim)
-        heads["region_predictor"] = Predictor(region_dim, pred_hidden_dim, region_dim)
+        heads["region_predictor"] = ProjectionMLP(region_dim, pred_hidden_dim, region_dim)
     return nn.ModuleDict(heads)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from densecontrast._checks import check_floating, check_int, check_shape, compute_dtype
 from densecontrast.distributed import all_gather, broadcast_, is_distributed
 
 __all__ = ["MomentumQueue"]
@@ -87,14 +88,9 @@ class MomentumQueue(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise ValueError(f"dim must be a positive int, but got {dim!r}")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"size must be a positive int, but got {size!r}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point dtype, but got {dtype}")
-        self.dim = dim
-        self.size = size
+        self.dim = check_int(dim, "dim", 1)
+        self.size = check_int(size, "size", 1)
+        check_floating(dtype, "dtype")
         self.gather = bool(gather)
         self.normalize = bool(normalize)
         if generator is None and seed is not None:
@@ -102,11 +98,6 @@ class MomentumQueue(nn.Module):
         init = torch.randn(size, dim, generator=generator, dtype=torch.float64)
         self.register_buffer("queue", F.normalize(init, dim=1).to(dtype))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-
-    @property
-    def keys(self) -> Tensor:
-        """``(size, dim)`` detached clone of the stored keys (same as :meth:`negatives`)."""
-        return self.queue.detach().clone()
 
     def negatives(self) -> Tensor:
         """The current keys as a ``(size, dim)`` detached clone, safe to use after :meth:`enqueue`.
@@ -119,10 +110,6 @@ class MomentumQueue(nn.Module):
             torch.Size([5, 3])
         """
         return self.queue.detach().clone()
-
-    def forward(self) -> Tensor:
-        """Alias of :meth:`negatives` so ``queue()`` returns the current negatives ``(size, dim)``."""
-        return self.negatives()
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:
@@ -146,14 +133,10 @@ class MomentumQueue(nn.Module):
             >>> q.queue[:, 0].tolist(), int(q.ptr)  # 4 keys into 3 slots: the last 3 remain
             ([4.0, 2.0, 3.0], 1)
         """
-        if not isinstance(keys, Tensor) or keys.dim() != 2 or keys.shape[1] != self.dim:
-            got = tuple(keys.shape) if isinstance(keys, Tensor) else type(keys).__name__
-            raise ValueError(f"keys must have shape (B, {self.dim}), but got {got}")
-        if not keys.is_floating_point():
-            raise ValueError(f"keys must be a floating-point tensor, but got dtype {keys.dtype}")
+        check_shape(keys, "keys", ("B", self.dim), floating=True)
         keys = keys.detach()
         if self.normalize:
-            keys = F.normalize(keys.to(torch.promote_types(keys.dtype, torch.float32)), dim=1)
+            keys = F.normalize(keys.to(compute_dtype(keys)), dim=1)
         keys = keys.to(device=self.queue.device, dtype=self.queue.dtype)
         if self.gather and is_distributed():
             keys = all_gather(keys, grad=False)

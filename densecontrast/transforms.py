@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from densecontrast._checks import check_int, check_interval, check_number, check_positive, check_size
 from densecontrast.geometry import ViewGeometry
 
 __all__ = [
@@ -69,30 +70,6 @@ SizeLike = int | Sequence[int]
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _as_size(size: SizeLike, name: str = "size") -> tuple[int, int]:
-    if isinstance(size, bool):
-        raise ValueError(f"{name} must be a positive int or a pair (height, width) of positive ints, but got {size!r}")
-    if isinstance(size, int):
-        pair: tuple[Any, ...] = (size, size)
-    elif isinstance(size, Sequence) and len(size) == 2:
-        pair = tuple(size)
-    else:
-        raise ValueError(f"{name} must be a positive int or a pair (height, width) of positive ints, but got {size!r}")
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair):
-        raise ValueError(f"{name} must be a positive int or a pair (height, width) of positive ints, but got {size!r}")
-    return int(pair[0]), int(pair[1])
-
-
-def _as_range(value: Sequence[float], name: str, lo: float, hi: float, what: str) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (min, max) with {what}, but got {value!r}") from None
-    if not (math.isfinite(a) and math.isfinite(b) and lo < a <= b <= hi):
-        raise ValueError(f"{name} must be a pair (min, max) with {what}, but got {value!r}")
-    return a, b
-
-
 def to_image_tensor(image: Any) -> Tensor:
     """Validate an input image and return it as a plain ``(C, H, W)`` tensor.
 
@@ -249,7 +226,7 @@ def resized_crop_flip(
         tensor([[[3., 2., 1., 0.],
                  [7., 6., 5., 4.]]])
     """
-    h, w = _as_size(size)
+    h, w = check_size(size)
     top, left, ch, cw = crop
     out = TF.resized_crop(
         image, top=top, left=left, height=ch, width=cw, size=[h, w], interpolation=interpolation, antialias=antialias
@@ -275,17 +252,10 @@ def blur_kernel_size(size: SizeLike, fraction: float = 0.1) -> int:
         >>> blur_kernel_size(224), blur_kernel_size(96), blur_kernel_size(32)
         (23, 9, 3)
     """
-    h, w = _as_size(size)
-    if not (fraction > 0 and math.isfinite(fraction)):
-        raise ValueError(f"fraction must be a positive finite float, but got {fraction!r}")
+    h, w = check_size(size)
+    fraction = check_positive(fraction, "fraction")
     k = 2 * round((fraction * min(h, w) - 1) / 2) + 1
     return max(3, k)
-
-
-def _check_prob(p: float, name: str) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], but got {p!r}")
-    return float(p)
 
 
 class _ToRGB(nn.Module):
@@ -341,12 +311,12 @@ def color_pipeline(
         >>> out.shape, out.dtype
         (torch.Size([3, 8, 8]), torch.float32)
     """
-    jitter_p = _check_prob(jitter_p, "jitter_p")
-    gray_p = _check_prob(gray_p, "gray_p")
-    blur_p = _check_prob(blur_p, "blur_p")
-    solarize_p = _check_prob(solarize_p, "solarize_p")
-    if isinstance(blur_kernel, bool) or not isinstance(blur_kernel, int) or blur_kernel < 1 or blur_kernel % 2 == 0:
-        raise ValueError(f"blur_kernel must be a positive odd int, but got {blur_kernel!r}")
+    jitter_p = check_number(jitter_p, "jitter_p", 0, 1, note="(a probability)")
+    gray_p = check_number(gray_p, "gray_p", 0, 1, note="(a probability)")
+    blur_p = check_number(blur_p, "blur_p", 0, 1, note="(a probability)")
+    solarize_p = check_number(solarize_p, "solarize_p", 0, 1, note="(a probability)")
+    if check_int(blur_kernel, "blur_kernel", 1, note="(odd)") % 2 == 0:
+        raise ValueError(f"blur_kernel must be an odd int >= 1, but got {blur_kernel!r}")
     steps: list[Callable[..., Any]] = [_ToRGB(), v2.ToDtype(torch.float32, scale=True)]
     if color:
         if jitter_p > 0:
@@ -406,11 +376,11 @@ class ViewTransform(nn.Module):
         antialias: bool = True,
     ) -> None:
         super().__init__()
-        self.size = _as_size(size)
+        self.size = check_size(size)
         self.crop = bool(crop)
-        self.scale = _as_range(scale, "scale", 0.0, 1.0, "0 < min <= max <= 1")
-        self.ratio = _as_range(ratio, "ratio", 0.0, math.inf, "0 < min <= max")
-        self.flip_p = _check_prob(flip_p, "flip_p")
+        self.scale = check_interval(scale, "scale", 0.0, 1.0)
+        self.ratio = check_interval(ratio, "ratio", 0.0, math.inf)
+        self.flip_p = check_number(flip_p, "flip_p", 0, 1, note="(a probability)")
         if photometric is not None and not callable(photometric):
             raise ValueError(f"photometric must be a callable on a (C, H, W) tensor or None, but got {photometric!r}")
         self.photometric = photometric
@@ -516,9 +486,6 @@ class MultiViewTransform(nn.Module):
             intersection with the **first** view's crop covers at least this fraction of the
             later crop's area. ``None`` (default): views are independent.
         max_tries: how many crops a later view may draw before the fallback (``>= 1``).
-        return_info: also return a dict ``{"fallback": bool tensor (), "tries": long tensor (V,)}``
-            (``tries[v]`` = crops drawn for view ``v``; ``1`` for the first view and for views
-            that are not re-sampled).
 
     Fallback:
         If some view fails ``max_tries`` times, **every** cropping view takes the same center crop
@@ -527,14 +494,16 @@ class MultiViewTransform(nn.Module):
         whole image when its aspect ratio is within ``ratio``), the rule of PixCon's two-crop
         sampler. Those views then overlap completely. Flips and photometric parts are still
         sampled independently. Fallbacks are never silent: they are counted in ``fallback_count``
-        (per process; ``DataLoader`` workers keep their own copies) and reported by
-        ``return_info=True``. Views with ``crop=False`` are never re-sampled (they always show
-        the full image).
+        (per process; ``DataLoader`` workers keep their own copies) and reported per image by
+        [`sample_with_info`][densecontrast.transforms.MultiViewTransform.sample_with_info]. Views
+        with ``crop=False`` are never re-sampled (they always show the full image).
 
     Call:
         ``transform(image)`` with a PIL image or a ``(C, H, W)`` ``uint8``/float tensor returns
-        ``(views, geometries)`` (or ``(views, geometries, info)``): a list of ``V`` view tensors
-        and a list of ``V`` one-view [`ViewGeometry`][densecontrast.geometry.ViewGeometry].
+        ``(views, geometries)``: a list of ``V`` view tensors and a list of ``V`` one-view
+        [`ViewGeometry`][densecontrast.geometry.ViewGeometry].
+        ``transform.sample_with_info(image)`` returns ``(views, geometries, info)`` with the
+        re-sampling record.
 
     Convention:
         Geometry boxes are original-image pixels (float32), ``image_size = (W, H)``; see the module
@@ -556,8 +525,6 @@ class MultiViewTransform(nn.Module):
         view_transforms: Sequence[ViewTransform],
         min_overlap: float | None = None,
         max_tries: int = 10,
-        *,
-        return_info: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(view_transforms, ViewTransform) or not isinstance(view_transforms, Sequence):
@@ -571,19 +538,10 @@ class MultiViewTransform(nn.Module):
                 f"[{', '.join(type(t).__name__ for t in view_transforms)}]"
             )
         if min_overlap is not None:
-            if (
-                isinstance(min_overlap, bool)
-                or not isinstance(min_overlap, (int, float))
-                or not (0.0 < float(min_overlap) <= 1.0)
-            ):
-                raise ValueError(f"min_overlap must be None or a float in (0, 1], but got {min_overlap!r}")
-            min_overlap = float(min_overlap)
-        if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
-            raise ValueError(f"max_tries must be an int >= 1, but got {max_tries!r}")
+            min_overlap = check_number(min_overlap, "min_overlap", 0, 1, open_low=True, note="or None")
         self.view_transforms = nn.ModuleList(view_transforms)
         self.min_overlap = min_overlap
-        self.max_tries = max_tries
-        self.return_info = bool(return_info)
+        self.max_tries = check_int(max_tries, "max_tries", 1)
         self.call_count = 0
         """Images transformed by this instance (in this process)."""
         self.fallback_count = 0
@@ -635,10 +593,26 @@ class MultiViewTransform(nn.Module):
             crops = [center if t.crop else t.sample_crop(image) for t in transforms]
         return crops, tries, fallback
 
-    def forward(
-        self, image: Any
-    ) -> tuple[list[Tensor], list[ViewGeometry]] | tuple[list[Tensor], list[ViewGeometry], dict[str, Tensor]]:
-        """Make the views of one image; see the class docstring for what is returned."""
+    def sample_with_info(self, image: Any) -> tuple[list[Tensor], list[ViewGeometry], dict[str, Tensor]]:
+        """Make the views of one image and report how their crops were sampled.
+
+        Args:
+            image: a PIL image or a ``(C, H, W)`` ``uint8``/float tensor.
+
+        Returns:
+            ``(views, geometries, info)``: as :meth:`forward`, plus
+            ``info = {"fallback": bool tensor (), "tries": long tensor (V,)}`` (``tries[v]`` =
+            crops drawn for view ``v``; ``1`` for the first view and for views that are not
+            re-sampled; ``0`` for views after the one that triggered the fallback). A dataset
+            can return ``info`` with the views; ``collate_views`` batches it like any extra.
+
+        Examples:
+            >>> _ = torch.manual_seed(0)
+            >>> t = MultiViewTransform([ViewTransform(8, scale=(0.01, 0.02))] * 2, min_overlap=1.0, max_tries=3)
+            >>> views, geoms, info = t.sample_with_info(torch.zeros(3, 40, 40))
+            >>> info["fallback"], info["tries"], t.fallback_count
+            (tensor(True), tensor([1, 3]), 1)
+        """
         x = to_image_tensor(image)
         crops, tries, fallback = self.sample_crops(x)
         views: list[Tensor] = []
@@ -649,13 +623,16 @@ class MultiViewTransform(nn.Module):
             geometries.append(geom)
         self.call_count += 1
         self.fallback_count += int(fallback)
-        if self.return_info:
-            info = {"fallback": torch.tensor(fallback), "tries": torch.tensor(tries, dtype=torch.long)}
-            return views, geometries, info
+        info = {"fallback": torch.tensor(fallback), "tries": torch.tensor(tries, dtype=torch.long)}
+        return views, geometries, info
+
+    def forward(self, image: Any) -> tuple[list[Tensor], list[ViewGeometry]]:
+        """Make the views of one image: ``(views, geometries)``, see the class docstring."""
+        views, geometries, _ = self.sample_with_info(image)
         return views, geometries
 
     def extra_repr(self) -> str:
-        return f"min_overlap={self.min_overlap}, max_tries={self.max_tries}, return_info={self.return_info}"
+        return f"min_overlap={self.min_overlap}, max_tries={self.max_tries}"
 
 
 # ---------------------------------------------------------------------------------------- presets
@@ -675,16 +652,15 @@ def _byol_photometric(color: bool, normalize: bool, size: SizeLike, blur_kernel:
 
 def byol_views(
     size: SizeLike,
-    scale: Sequence[float] = (0.08, 1.0),
-    min_overlap: float | None = None,
     *,
+    min_overlap: float | None = None,
+    scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     color: bool = True,
     normalize: bool = True,
     blur_kernel: int | None = None,
     max_tries: int = 10,
     antialias: bool = True,
-    return_info: bool = False,
 ) -> MultiViewTransform:
     """BYOL's asymmetric two-view augmentation (PixCon, PixPro, LC-loss's global views).
 
@@ -696,15 +672,14 @@ def byol_views(
 
     Args:
         size: view size, ``int`` (square) or ``(height, width)``.
-        scale: crop area range.
         min_overlap: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform].
+        scale: crop area range.
         ratio: crop aspect-ratio range.
         color: ``False`` drops jitter, grayscale, blur and solarize (geometry checks).
         normalize: end with the ImageNet ``Normalize``.
         blur_kernel: override the blur kernel size (odd).
         max_tries: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform].
         antialias: low-pass filter when downscaling.
-        return_info: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform].
 
     Returns:
         A two-view [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform] producing float32
@@ -720,21 +695,20 @@ def byol_views(
         ViewTransform(size, scale=scale, ratio=ratio, flip_p=0.5, antialias=antialias, photometric=photometric)
         for photometric in _byol_photometric(color, normalize, size, blur_kernel)
     ]
-    return MultiViewTransform(views, min_overlap=min_overlap, max_tries=max_tries, return_info=return_info)
+    return MultiViewTransform(views, min_overlap=min_overlap, max_tries=max_tries)
 
 
 def mocov2_views(
     size: SizeLike,
-    scale: Sequence[float] = (0.2, 1.0),
     *,
     min_overlap: float | None = None,
+    scale: Sequence[float] = (0.2, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     color: bool = True,
     normalize: bool = True,
     blur_kernel: int | None = None,
     max_tries: int = 10,
     antialias: bool = True,
-    return_info: bool = False,
 ) -> MultiViewTransform:
     """MoCo v2's symmetric two-view augmentation (DenseCL, DenseSiam).
 
@@ -744,8 +718,8 @@ def mocov2_views(
 
     Args:
         size: view size, ``int`` (square) or ``(height, width)``.
-        scale: crop area range.
         min_overlap: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform] (``None`` in the papers).
+        scale: crop area range.
         ratio: crop aspect-ratio range.
         color: ``False`` drops jitter, grayscale and blur.
         normalize: end with the ImageNet ``Normalize``.
@@ -753,7 +727,6 @@ def mocov2_views(
             [`blur_kernel_size`][densecontrast.transforms.blur_kernel_size].
         max_tries: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform].
         antialias: low-pass filter when downscaling.
-        return_info: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform].
 
     Returns:
         A two-view [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform] producing float32 views.
@@ -777,19 +750,18 @@ def mocov2_views(
         )
         for _ in range(2)
     ]
-    return MultiViewTransform(views, min_overlap=min_overlap, max_tries=max_tries, return_info=return_info)
+    return MultiViewTransform(views, min_overlap=min_overlap, max_tries=max_tries)
 
 
 def lc_views(
     size: SizeLike,
-    scale: Sequence[float] = (0.08, 1.0),
     *,
+    scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     color: bool = True,
     normalize: bool = True,
     blur_kernel: int | None = None,
     antialias: bool = True,
-    return_info: bool = False,
 ) -> MultiViewTransform:
     """LC-loss's two views: a colour-only full-image view and a cropped, flipped, coloured view.
 
@@ -807,7 +779,6 @@ def lc_views(
         blur_kernel: override the blur kernel size (odd); default
             [`blur_kernel_size`][densecontrast.transforms.blur_kernel_size].
         antialias: low-pass filter when downscaling.
-        return_info: see [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform].
 
     Returns:
         A two-view [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform] producing float32 views.
@@ -823,4 +794,4 @@ def lc_views(
         ViewTransform(size, crop=False, flip_p=0.0, antialias=antialias, photometric=colour_only),
         ViewTransform(size, scale=scale, ratio=ratio, flip_p=0.5, antialias=antialias, photometric=spatial),
     ]
-    return MultiViewTransform(views, return_info=return_info)
+    return MultiViewTransform(views)

@@ -32,20 +32,20 @@ class CoordinateImages(Dataset):
         return self.n
 
     def __getitem__(self, i: int):
-        views, geoms, info = self.transform(coordinate_image(20 + 3 * i, 30 + 2 * i))
+        views, geoms, info = self.transform.sample_with_info(coordinate_image(20 + 3 * i, 30 + 2 * i))
         return views, geoms, torch.tensor(i), {"mask": torch.full((2, 2), i), "info": info}
 
 
 def make_transform() -> MultiViewTransform:
     # no antialias and no colour: a bilinear resample of a linear ramp, exact up to half a source pixel
     vts = [ViewTransform(12, scale=(0.3, 1.0), antialias=False), ViewTransform((10, 14), scale=(0.3, 1.0))]
-    return MultiViewTransform(vts, min_overlap=0.1, return_info=True)
+    return MultiViewTransform(vts, min_overlap=0.1)
 
 
 def test_collate_shapes_and_geometry_is_concatenation():
     torch.manual_seed(0)
-    t = byol_views(16, return_info=True)
-    samples = [t(torch.rand(3, 20 + i, 30 - i)) for i in range(5)]
+    t = byol_views(16)
+    samples = [t.sample_with_info(torch.rand(3, 20 + i, 30 - i)) for i in range(5)]
     views, geoms, info = collate_views(samples)
     assert [tuple(v.shape) for v in views] == [(5, 3, 16, 16), (5, 3, 16, 16)]
     assert info["fallback"].shape == (5,) and info["tries"].shape == (5, 2)
@@ -71,7 +71,7 @@ def test_collate_two_item_samples_and_batch_of_one():
 def test_geometry_and_transform_pickle():
     torch.manual_seed(0)
     t = make_transform()
-    _, geoms, _ = t(coordinate_image(20, 30))
+    _, geoms = t(coordinate_image(20, 30))
     g = pickle.loads(pickle.dumps(geoms[0]))
     assert torch.equal(g.boxes, geoms[0].boxes) and torch.equal(g.flips, geoms[0].flips)
     t2 = pickle.loads(pickle.dumps(t))

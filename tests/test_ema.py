@@ -1,4 +1,4 @@
-"""EMA / MomentumEncoder vs a naive per-parameter loop (float64), buffers, unwrapping, exact resume."""
+"""EMA vs a naive per-parameter loop (float64), buffers, unwrapping, exact resume."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from densecontrast.ema import EMA, MomentumEncoder, ema_update_
+from densecontrast.ema import EMA, ema_update_
 from densecontrast.schedules import CosineMomentum
 
 
@@ -162,7 +162,7 @@ def test_state_dict_round_trip_resumes_identically(placement: str) -> None:
 
     def make(seed: int) -> tuple[nn.Module, EMA]:
         model = _net(seed)
-        return model, MomentumEncoder(model, CosineMomentum(total, base=0.9), buffers="average")
+        return model, EMA(model, CosineMomentum(total, base=0.9), buffers="average")
 
     def train_step(model: nn.Module, ema: EMA, t: int) -> None:
         if placement == "before_keys":

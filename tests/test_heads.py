@@ -11,7 +11,6 @@ from densecontrast.heads import (
     DensePredictor,
     DenseProjection,
     PixelPropagation,
-    Predictor,
     ProjectionMLP,
     densecl_heads,
     densesiam_heads,
@@ -43,7 +42,6 @@ def test_projection_mlp_layers_and_shapes() -> None:
     out = last(torch.randn(8, 12))
     # affine-free BN in training mode: every output feature has zero batch mean
     assert torch.allclose(out.mean(0), torch.zeros(6), atol=1e-5)
-    assert isinstance(Predictor(6, 10, 6), ProjectionMLP)
 
 
 def test_projection_mlp_matches_manual_computation() -> None:
@@ -100,19 +98,19 @@ def test_heads_reject_bad_inputs() -> None:
         ProjectionMLP(4, 0, 2)
     with pytest.raises(ValueError, match="in_dim"):
         DenseProjection(-1, 4, 2)
-    with pytest.raises(ValueError, match=r"x must have shape \(B, C\) with 4 channels, but got \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, C\) with C = 4, but got \(2, 3\)"):
         ProjectionMLP(4, 8, 2)(torch.randn(2, 3))
     with pytest.raises(ValueError, match=r"x must have shape \(B, C, h, w\)"):
         DenseProjection(4, 8, 2)(torch.randn(2, 4))
-    with pytest.raises(ValueError, match=r"x must have shape \(B, D, h, w\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, D, h, w\) with D = 4, but got \(2, 5, 3, 3\)"):
         DensePredictor(4, 8, 2)(torch.randn(2, 5, 3, 3))
     with pytest.raises(ValueError, match="transform_layers"):
         PixelPropagation(4, transform_layers=3)
     with pytest.raises(ValueError, match="gamma"):
         PixelPropagation(4, gamma=0)
-    with pytest.raises(ValueError, match=r"x must have shape \(B, D, h, w\) with 4 channels"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, D, h, w\) with D = 4"):
         PixelPropagation(4)(torch.randn(1, 3, 2, 2))
-    with pytest.raises(ValueError, match="gx must have shape"):
+    with pytest.raises(ValueError, match=r"gx must have shape \(B, D', h, w\) with \(B, h, w\) = \(1, 2, 2\) as x"):
         pixel_propagation(torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 3))
 
 

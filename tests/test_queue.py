@@ -115,10 +115,10 @@ def test_negatives_read_before_enqueue_exclude_current_keys() -> None:
     # no current key appears among the negatives read before the enqueue ...
     assert (torch.cdist(keys, neg).min() > 1e-3).item()
     # ... but all of them are in the queue afterwards
-    assert torch.cdist(keys, q.keys).min(dim=1).values.max() < 1e-6
+    after = q.negatives()
+    assert torch.cdist(keys, after).min(dim=1).values.max() < 1e-6
     assert not neg.requires_grad and neg.data_ptr() != q.queue.data_ptr()
-    assert q.keys.data_ptr() != q.queue.data_ptr()
-    assert torch.equal(q(), q.queue)
+    assert torch.equal(after, q.queue) and after.data_ptr() != q.queue.data_ptr()
 
 
 def test_enqueue_detaches_and_casts() -> None:
@@ -146,7 +146,7 @@ def test_empty_batch_is_a_no_op() -> None:
         (torch.zeros(2, 5), r"keys must have shape \(B, 4\), but got \(2, 5\)"),
         (torch.zeros(4), r"keys must have shape \(B, 4\), but got \(4,\)"),
         (torch.zeros(2, 4, dtype=torch.long), "floating-point"),
-        ([1.0, 2.0], r"keys must have shape \(B, 4\), but got list"),
+        ([1.0, 2.0], r"keys must be a tensor of shape \(B, 4\), but got list"),
     ],
 )
 def test_enqueue_bad_keys(keys: object, match: str) -> None:
@@ -157,9 +157,9 @@ def test_enqueue_bad_keys(keys: object, match: str) -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"dim": 0, "size": 4}, "dim must be a positive int"),
-        ({"dim": 4, "size": -1}, "size must be a positive int"),
-        ({"dim": 4, "size": 2.5}, "size must be a positive int"),
+        ({"dim": 0, "size": 4}, "dim must be an int >= 1"),
+        ({"dim": 4, "size": -1}, "size must be an int >= 1"),
+        ({"dim": 4, "size": 2.5}, "size must be an int >= 1"),
         ({"dim": 4, "size": 4, "dtype": torch.long}, "floating-point"),
     ],
 )

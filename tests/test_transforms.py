@@ -248,11 +248,11 @@ def overlap_frac_naive(later: tuple[int, int, int, int], first: tuple[int, int, 
 def test_min_overlap_is_met_or_documented_fallback(img_h, img_w, lo, min_overlap, max_tries, n_views, seed):
     ratio = (3 / 4, 4 / 3)
     vts = [ViewTransform(8, scale=(lo, 1.0), ratio=ratio, flip_p=0.5) for _ in range(n_views)]
-    t = MultiViewTransform(vts, min_overlap=min_overlap, max_tries=max_tries, return_info=True)
+    t = MultiViewTransform(vts, min_overlap=min_overlap, max_tries=max_tries)
     torch.manual_seed(seed)
     fallbacks = 0
     for _ in range(5):
-        views, geoms, info = t(torch.rand(1, img_h, img_w))
+        views, geoms, info = t.sample_with_info(torch.rand(1, img_h, img_w))
         boxes = [box_of(g) for g in geoms]
         assert len(views) == n_views and info["tries"].shape == (n_views,)
         if bool(info["fallback"]):
@@ -274,9 +274,9 @@ def test_min_overlap_is_met_or_documented_fallback(img_h, img_w, lo, min_overlap
 def test_fallback_is_forced_deterministically():
     torch.manual_seed(0)
     vts = [ViewTransform(12, scale=(0.01, 0.02), flip_p=0.0) for _ in range(2)]
-    t = MultiViewTransform(vts, min_overlap=1.0, max_tries=1, return_info=True)
+    t = MultiViewTransform(vts, min_overlap=1.0, max_tries=1)
     image = coordinate_image(40, 90)
-    views, geoms, info = t(image)
+    views, geoms, info = t.sample_with_info(image)
     assert bool(info["fallback"]) and info["tries"].tolist() == [1, 1]
     assert t.fallback_count == 1
     expected = naive_center_crop(40, 90, (3 / 4, 4 / 3))  # too wide: a centered 53 x 40 crop
@@ -295,8 +295,8 @@ def test_min_overlap_actually_resamples():
     fr = [overlap_frac_naive(box_of(g[1]), box_of(g[0])) for g in (free(image)[1] for _ in range(200))]
     assert min(fr) < 0.3
     torch.manual_seed(0)
-    ruled = MultiViewTransform(vts, min_overlap=0.3, max_tries=50, return_info=True)
-    outs = [ruled(image) for _ in range(200)]
+    ruled = MultiViewTransform(vts, min_overlap=0.3, max_tries=50)
+    outs = [ruled.sample_with_info(image) for _ in range(200)]
     for _, g, info in outs:
         if not bool(info["fallback"]):
             assert overlap_frac_naive(box_of(g[1]), box_of(g[0])) >= 0.3
@@ -306,10 +306,10 @@ def test_min_overlap_actually_resamples():
 def test_first_view_without_crop_never_falls_back():
     torch.manual_seed(0)
     t = MultiViewTransform(
-        [ViewTransform(8, crop=False), ViewTransform(8, scale=(0.01, 0.05))], min_overlap=1.0, return_info=True
+        [ViewTransform(8, crop=False), ViewTransform(8, scale=(0.01, 0.05))], min_overlap=1.0
     )
     for _ in range(20):
-        _, _geoms, info = t(torch.rand(3, 30, 30))
+        _, _geoms, info = t.sample_with_info(torch.rand(3, 30, 30))
         assert not bool(info["fallback"]) and int(info["tries"][1]) == 1
 
 
@@ -491,3 +491,22 @@ def test_bad_pipeline_arguments_raise():
         color_pipeline(solarize_p=2.0)
     with pytest.raises(ValueError, match="min_overlap"):
         byol_views(32, min_overlap=0.0)
+
+
+def test_forward_returns_views_and_geometries_only():
+    """One return type: the call gives (views, geometries); the re-sampling record is a separate method."""
+    torch.manual_seed(0)
+    t = MultiViewTransform([ViewTransform(8), ViewTransform(8)], min_overlap=0.5)
+    out = t(torch.rand(3, 20, 20))
+    assert isinstance(out, tuple) and len(out) == 2
+    views, geoms, info = t.sample_with_info(torch.rand(3, 20, 20))
+    assert len(views) == len(geoms) == 2 and set(info) == {"fallback", "tries"}
+    assert info["tries"].dtype == torch.long and info["tries"].shape == (2,)
+    assert t.call_count == 2
+
+
+@pytest.mark.parametrize("make", [byol_views, mocov2_views, lc_views])
+def test_presets_take_the_size_positionally_and_everything_else_by_keyword(make):
+    assert make(8, scale=(0.5, 1.0)).view_transforms[-1].scale == (0.5, 1.0)
+    with pytest.raises(TypeError):
+        make(8, (0.5, 1.0))

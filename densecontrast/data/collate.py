@@ -3,7 +3,8 @@
 Convention:
     A sample is ``(views, geometries)`` or ``(views, geometries, *extras)`` as returned by
     [`MultiViewTransform`][densecontrast.transforms.MultiViewTransform] (optionally with labels, masks or the
-    transform's ``info`` dict appended by a dataset). ``views`` holds ``V`` tensors
+    ``info`` dict of [`sample_with_info`][densecontrast.transforms.MultiViewTransform.sample_with_info]
+    appended by a dataset). ``views`` holds ``V`` tensors
     ``(C, H_v, W_v)`` and ``geometries`` ``V`` one-view geometries. The batch keeps the sample
     order: row ``b`` of every batched view and geometry comes from sample ``b``.
 """
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import default_collate
 
+from densecontrast._checks import check_type
 from densecontrast.geometry import ViewGeometry
 
 __all__ = ["collate_views"]
@@ -83,16 +85,14 @@ def collate_views(batch: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
                 f"but got {len(views)} views and {len(geoms)} geometries"
             )
         for v, (x, g) in enumerate(zip(views, geoms)):
-            if not isinstance(x, Tensor):
-                raise ValueError(f"batch[{b}][0][{v}] must be a (C, H, W) tensor, but got {type(x).__name__}")
+            check_type(x, f"batch[{b}][0][{v}]", Tensor, what="a (C, H, W) tensor")
             ref = batch[0][0][v]
             if x.shape != ref.shape or x.dtype != ref.dtype:
                 raise ValueError(
                     f"view {v} must have the same shape and dtype in every sample: batch[0] has "
                     f"{tuple(ref.shape)} {ref.dtype}, batch[{b}] has {tuple(x.shape)} {x.dtype}"
                 )
-            if not isinstance(g, ViewGeometry):
-                raise ValueError(f"batch[{b}][1][{v}] must be a ViewGeometry, but got {type(g).__name__}")
+            check_type(g, f"batch[{b}][1][{v}]", ViewGeometry)
     assert n_views is not None and n_items is not None
     out_views = [torch.stack([sample[0][v] for sample in batch]) for v in range(n_views)]
     out_geoms = [ViewGeometry.cat([sample[1][v] for sample in batch]) for v in range(n_views)]

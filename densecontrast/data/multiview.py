@@ -2,10 +2,12 @@
 
 Convention:
     The wrapped dataset returns an image (PIL or ``(C, H, W)`` tensor) or a tuple
-    ``(image, *targets)``. Items become ``(views, geometries, *targets)`` (and the transform's
-    ``info`` dict, when it returns one, comes right after ``geometries``). Targets (labels,
-    masks) are passed through untouched, in the **original image frame**; map them into a view
-    with the view's :class:`~densecontrast.geometry.ViewGeometry` if needed.
+    ``(image, *targets)``. Items become ``(views, geometries, *targets)`` (a transform that
+    returns more, e.g. :meth:`MultiViewTransform.sample_with_info
+    <densecontrast.transforms.MultiViewTransform.sample_with_info>` with its ``info`` dict, has
+    those items right after ``geometries``). Targets (labels, masks) are passed through
+    untouched, in the **original image frame**; map them into a view with the view's
+    :class:`~densecontrast.geometry.ViewGeometry` if needed.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class MultiViewDataset(Dataset):
     Args:
         dataset: any map-style dataset returning an image or ``(image, *targets)``.
         transform: a :class:`~densecontrast.transforms.MultiViewTransform` (or any callable
-            ``image -> (views, geometries[, info])``).
+            ``image -> (views, geometries, *extras)``, such as its ``sample_with_info`` method).
         keep_targets: pass the wrapped dataset's targets through (default). ``False`` drops
             them, e.g. to ignore :class:`~densecontrast.data.synthetic.SyntheticScenes` masks
             during pre-training.
@@ -76,7 +78,7 @@ class MultiViewDataset(Dataset):
         out = self.transform(image)
         if not isinstance(out, (tuple, list)) or len(out) < 2:
             raise ValueError(
-                f"transform must return (views, geometries[, info]), but returned {type(out).__name__}"
+                f"transform must return (views, geometries, *extras), but returned {type(out).__name__}"
             )
         return (*out, *targets) if self.keep_targets else tuple(out)
 

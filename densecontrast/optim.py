@@ -15,15 +15,20 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from densecontrast._checks import check_int, check_number, check_positive, compute_dtype
+from densecontrast._checks import check_choice, check_int, check_number, check_positive, compute_dtype
 from densecontrast.schedules import warmup_cosine_lr
 
 __all__ = [
     "LARS",
+    "OPTIMIZERS",
     "WarmupCosineScheduler",
+    "build_optimizer",
     "param_groups_weight_decay",
     "scale_lr",
 ]
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "lars", "adamw")
+"""Names accepted by :func:`build_optimizer`."""
 
 
 class LARS(Optimizer):
@@ -201,6 +206,32 @@ def scale_lr(base_lr: float, global_batch: int, base_batch: int = 256) -> float:
     check_number(global_batch, "global_batch", 1)
     check_number(base_batch, "base_batch", 1)
     return base_lr * global_batch / base_batch
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9) -> Optimizer:
+    """The optimiser of a recipe over :func:`param_groups_weight_decay` groups (no decay on biases and norms).
+
+    Args:
+        model: the online network (frozen parameters are left out).
+        name: ``"sgd"`` (momentum, DenseCL / PixCon / DenseSiam), ``"lars"`` (PixPro / LC-loss) or
+            ``"adamw"``.
+        lr: the learning rate, already scaled to the global batch (see :func:`scale_lr`).
+        weight_decay: decay of the decayed group.
+        momentum: SGD / LARS momentum.
+
+    Examples:
+        >>> opt = build_optimizer(torch.nn.Linear(4, 2), "lars", lr=0.1, weight_decay=1e-6)
+        >>> type(opt).__name__, [g["weight_decay"] for g in opt.param_groups]
+        ('LARS', [1e-06, 0.0])
+    """
+    check_choice(name, "name", OPTIMIZERS)
+    check_number(lr, "lr", 0)
+    groups = param_groups_weight_decay(model, weight_decay)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 class WarmupCosineScheduler(LRScheduler):

@@ -304,7 +304,7 @@ def plot_attention(
         >>> len(fig.axes)
         3
     """
-    from densecontrast.eval.correspondence import extract_features
+    from densecontrast.backbones import extract_features
     from densecontrast.matching.matches import sample_points
 
     pts = torch.as_tensor(points, dtype=torch.float32)

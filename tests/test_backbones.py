@@ -1,4 +1,4 @@
-"""densecontrast.engine.backbones: output shapes, strides and channels of every backbone; SyncBN conversion."""
+"""densecontrast.backbones: output shapes, strides and channels of every backbone; SyncBN conversion."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from densecontrast.engine import BACKBONES, ResNetTrunk, TinyConvNet, build_backbone, convert_sync_batchnorm
+from densecontrast.backbones import BACKBONES, ResNetTrunk, TinyConvNet, build_backbone, convert_sync_batchnorm
 
 SIZES = [(32, 32), (33, 47), (17, 70)]  # exact multiples and sizes that need ceil()
 

@@ -1,4 +1,4 @@
-"""densecontrast.engine.optim: LARS vs a naive float64 update, weight-decay groups, LR scaling, warm-up + cosine."""
+"""densecontrast.optim: LARS vs a naive float64 update, weight-decay groups, LR scaling, warm-up + cosine."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from densecontrast.engine import LARS, WarmupCosineScheduler, param_groups_weight_decay, scale_lr
+from densecontrast.optim import LARS, WarmupCosineScheduler, param_groups_weight_decay, scale_lr
 
 
 def _model() -> nn.Module:

@@ -20,7 +20,7 @@ Convention:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -30,24 +30,19 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from densecontrast._checks import check_choice, check_geometry_pair, check_int, check_interval, check_shape, check_size
+from densecontrast.backbones import Backbone, backbone_device, extract_features
 from densecontrast.geometry import ViewGeometry
-from densecontrast.matching.coordinate import nearest_coordinate_match
+from densecontrast.matching.coordinate import cell_distance, nearest_coordinate_match
 from densecontrast.matching.similarity import similarity_match
-from densecontrast.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
-    "cell_distance",
     "color_augment",
     "correspondence_accuracy",
-    "extract_features",
     "iter_image_batches",
     "match_correctness",
     "random_crops",
     "render_views",
 ]
-
-Backbone = nn.Module | Callable[[Tensor], Any]
-
 
 # ------------------------------------------------------------------------------------ helpers
 def _to_float_image(x: Any, name: str = "images") -> Tensor:
@@ -126,41 +121,6 @@ def iter_image_batches(
             buf, mbuf = [], []
     if buf:
         yield torch.stack(buf), (torch.stack(mbuf) if with_masks else None)
-
-
-def extract_features(backbone: Backbone, x: Tensor, normalize: bool = True) -> Tensor:
-    """Run ``backbone`` on a ``(B, 3, H, W)`` ``[0, 1]`` batch and return its ``(B, C, h, w)`` feature map.
-
-    A backbone returning a tuple/list uses its last element; a dict uses ``"out"`` (torchvision
-    ``IntermediateLayerGetter`` style) or its last value.
-
-    Examples:
-        >>> extract_features(nn.Conv2d(3, 5, 4, stride=4), torch.rand(2, 3, 16, 16)).shape
-        torch.Size([2, 5, 4, 4])
-    """
-    if normalize:
-        mean = x.new_tensor(IMAGENET_MEAN)[:, None, None]
-        std = x.new_tensor(IMAGENET_STD)[:, None, None]
-        x = (x - mean) / std
-    out = backbone(x)
-    if isinstance(out, dict):
-        out = out["out"] if "out" in out else list(out.values())[-1]
-    if isinstance(out, (tuple, list)):
-        out = out[-1]
-    if not isinstance(out, Tensor) or out.dim() != 4:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"backbone must return a (B, C, h, w) feature map, but returned {got}")
-    return out
-
-
-def _device_of(backbone: Backbone, device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if isinstance(backbone, nn.Module):
-        p = next(iter(backbone.parameters()), None)
-        if p is not None:
-            return p.device
-    return torch.device("cpu")
 
 
 def color_augment(
@@ -278,16 +238,6 @@ def render_views(images: Tensor, geometry: ViewGeometry, size: tuple[int, int]) 
 
 
 # ------------------------------------------------------------------------------------ core
-def cell_distance(index: Tensor, other: Tensor, width: int) -> Tensor:
-    """Chebyshev distance in cells between flat (row-major) cell indices of a ``width``-wide grid.
-
-    Examples:
-        >>> cell_distance(torch.tensor([0, 5]), torch.tensor([4, 5]), width=3)  # (0,0)-(1,1), same cell
-        tensor([1, 0])
-    """
-    return torch.maximum((index // width - other // width).abs(), (index % width - other % width).abs())
-
-
 def match_correctness(
     query_features: Tensor,
     key_features: Tensor,
@@ -412,7 +362,7 @@ def correspondence_accuracy(
     check_interval(scale, "scale", 0, 1)
     vsize = None if view_size is None else check_size(view_size, "view_size")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    dev = _device_of(backbone, device)
+    dev = backbone_device(backbone, device)
     was_training = isinstance(backbone, nn.Module) and backbone.training
     if isinstance(backbone, nn.Module):
         backbone.eval()

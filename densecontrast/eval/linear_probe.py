@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densecontrast._checks import check_int, check_positive
-from densecontrast.eval.correspondence import Backbone, _device_of, extract_features, iter_image_batches
+from densecontrast.backbones import Backbone, backbone_device, extract_features
+from densecontrast.eval.correspondence import iter_image_batches
 
 __all__ = ["dense_linear_probe", "extract_dense_features", "segmentation_metrics"]
 
@@ -63,7 +64,7 @@ def extract_dense_features(
         >>> tuple(f.shape), tuple(m.shape)
         ((3, 4, 4, 4), (3, 32, 32))
     """
-    dev = _device_of(backbone, device)
+    dev = backbone_device(backbone, device)
     was_training = isinstance(backbone, nn.Module) and backbone.training
     if isinstance(backbone, nn.Module):
         backbone.eval()
@@ -181,7 +182,7 @@ def dense_linear_probe(
     check_int(epochs, "epochs", 1)
     check_positive(lr, "lr")
     check_int(batch_size, "batch_size", 1)
-    dev = _device_of(backbone, device)
+    dev = backbone_device(backbone, device)
     kw = dict(size=size, batch_size=batch_size, normalize=normalize, device=dev)
     ftr, mtr = extract_dense_features(backbone, train_set, max_images=max_train, **kw)
     fva, mva = extract_dense_features(backbone, val_set, max_images=max_val, **kw)

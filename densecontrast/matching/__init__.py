@@ -9,6 +9,7 @@ VICRegL location), :func:`location_match` (DenseSiam points), :func:`corresponde
 from densecontrast.matching.coordinate import (
     CoordinateMatcher,
     NearestCoordinateMatcher,
+    cell_distance,
     center_distance,
     coordinate_match,
     nearest_coordinate_match,
@@ -25,6 +26,7 @@ __all__ = [
     "Matches",
     "NearestCoordinateMatcher",
     "SimilarityMatcher",
+    "cell_distance",
     "center_distance",
     "coordinate_match",
     "correspondence_match",

@@ -23,6 +23,7 @@ from densecontrast.matching.matches import Matches
 __all__ = [
     "CoordinateMatcher",
     "NearestCoordinateMatcher",
+    "cell_distance",
     "coordinate_match",
     "nearest_coordinate_match",
 ]
@@ -309,3 +310,13 @@ class NearestCoordinateMatcher(nn.Module):
 
     def extra_repr(self) -> str:
         return f"topk={self.topk}"
+
+
+def cell_distance(index: Tensor, other: Tensor, width: int) -> Tensor:
+    """Chebyshev distance in cells between flat (row-major) cell indices of a ``width``-wide grid.
+
+    Examples:
+        >>> cell_distance(torch.tensor([0, 5]), torch.tensor([4, 5]), width=3)  # (0,0)-(1,1), same cell
+        tensor([1, 0])
+    """
+    return torch.maximum((index // width - other // width).abs(), (index % width - other % width).abs())

@@ -15,6 +15,11 @@ Every stride-2 layer uses padding so that an input of ``H x W`` gives a map of
 12 x 12 with ``tiny``). The ResNets are torchvision's, randomly initialised (never
 downloaded), with ``avgpool`` and ``fc`` removed; their ``state_dict`` keys are torchvision's,
 so :func:`densecontrast.engine.checkpoint.export_backbone` output loads into ``torchvision.models``.
+
+``"timm:<name>"`` builds any [timm](https://github.com/huggingface/pytorch-image-models) model
+(an optional dependency: ``pip install 'densecontrast[timm]'``): CNNs through ``features_only``
+(:class:`TimmFeatureMap`, the last stage), ViTs through their patch tokens reshaped to a map
+(:class:`TimmTokenMap`, stride = patch size). Weights are downloaded only with ``pretrained=True``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ __all__ = [
     "BACKBONES",
     "Backbone",
     "ResNetTrunk",
+    "TIMM_PREFIX",
+    "TimmFeatureMap",
+    "TimmTokenMap",
     "TinyConvNet",
     "backbone_device",
     "build_backbone",
@@ -46,7 +54,10 @@ __all__ = [
 ]
 
 BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "tiny")
-"""Names accepted by :func:`build_backbone`."""
+"""Names accepted by :func:`build_backbone`, besides ``"timm:<model name>"``."""
+
+TIMM_PREFIX = "timm:"
+"""Prefix of the :func:`build_backbone` names that build a timm model: ``"timm:vit_small_patch16_224"``."""
 
 
 class ResNetTrunk(nn.Module):
@@ -143,25 +154,193 @@ class TinyConvNet(nn.Module):
         return self.features(x)
 
 
-def build_backbone(name: str = "resnet50", *, output_stride: int | None = None, **kwargs: Any) -> tuple[nn.Module, int]:
-    """Build a randomly initialised backbone returning its last feature map.
+# ----------------------------------------------------------------------------------------------
+# timm (optional)
+
+
+def _import_timm(name: str) -> Any:
+    try:
+        import timm
+    except ImportError as e:
+        raise ImportError(
+            f"build_backbone({name!r}) needs timm, an optional dependency: pip install 'densecontrast[timm]'"
+        ) from e
+    return timm
+
+
+def _is_token_vit(model: nn.Module) -> bool:
+    """A ViT-style model: patch embedding + a token sequence with ``num_prefix_tokens`` class/register tokens."""
+    return hasattr(model, "patch_embed") and isinstance(getattr(model, "num_prefix_tokens", None), int)
+
+
+class TimmFeatureMap(nn.Module):
+    """A timm CNN built with ``features_only=True, out_indices=(-1,)``: image -> its last feature map.
+
+    Args:
+        model: the ``features_only`` timm model (a ``FeatureListNet`` or similar) returning a list
+            with one map; channels-last (``NHWC``) outputs (Swin and others) are permuted to
+            ``(B, C, h, w)``.
+
+    Attributes:
+        model: the timm model; ``state_dict`` keys are ``model.<timm key>``, so
+            ``{k.removeprefix("model."): v}`` loads into ``timm.create_model(name, features_only=True,
+            out_indices=(-1,))``.
+        out_channels: channels of the map (``feature_info.channels()[-1]``).
+        stride: input pixels per output cell (``feature_info.reduction()[-1]``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        info = getattr(model, "feature_info", None)
+        if info is None:
+            raise ValueError(f"model must be a timm features_only model with feature_info, got {type(model).__name__}")
+        self.model = model
+        self.out_channels: int = int(info.channels()[-1])
+        self.stride: int = int(info.reduction()[-1])
+        self.channels_last: bool = "NHWC" in str(getattr(model, "output_fmt", "NCHW"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map images ``(B, 3, H, W)`` to the last feature map ``(B, out_channels, h, w)``."""
+        out = self.model(x)
+        out = out[-1] if isinstance(out, (list, tuple)) else out
+        return out.permute(0, 3, 1, 2) if self.channels_last else out
+
+
+class TimmTokenMap(nn.Module):
+    """A timm ViT as a dense backbone: its patch tokens reshaped to a map ``(B, C, H / p, W / p)``.
+
+    ``forward_features`` runs the transformer (with its final norm); the ``num_prefix_tokens``
+    class, distillation and register tokens are dropped and the ``h * w`` patch tokens, in
+    row-major order, become the cells of a ``(B, C, h, w)`` map: cell ``(i, j)`` is the patch at
+    rows ``i p .. (i + 1) p`` and columns ``j p .. (j + 1) p`` of the input, so the stride is the
+    patch size ``p`` and the geometry of the dense methods applies unchanged. Models pooled by
+    averaging (``norm`` is the identity and ``fc_norm`` holds the final norm, e.g. EVA-02) get
+    ``fc_norm`` on every token; an attention-pooling head is removed (it is unused).
+
+    The input size is any size the model accepts: with ``dynamic_img_size=True`` (the default of
+    :func:`build_backbone` where the model supports it) any multiple of the patch size, otherwise
+    the model's ``img_size``.
+
+    Args:
+        model: a timm ViT-style model (``patch_embed``, ``num_prefix_tokens``, ``forward_features``).
+
+    Attributes:
+        model: the timm model; ``state_dict`` keys are ``model.<timm key>``, so
+            ``{k.removeprefix("model."): v}`` loads into ``timm.create_model(name, num_classes=0)``.
+        out_channels: token width (``embed_dim``).
+        stride: the patch size (an ``int``; ``(p_h, p_w)`` for non-square patches).
+        num_prefix_tokens: the tokens dropped before the patch tokens.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not _is_token_vit(model):
+            raise ValueError(
+                f"model must be a ViT-style timm model (patch_embed, num_prefix_tokens), got {type(model).__name__}"
+            )
+        if getattr(model, "attn_pool", None) is not None:
+            model.attn_pool = None  # the attention-pooling head: not used by a dense backbone
+        self.model = model
+        patch = model.patch_embed.patch_size
+        ph, pw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[-1]))
+        self.patch_size: tuple[int, int] = (ph, pw)
+        self.stride: int | tuple[int, int] = ph if ph == pw else (ph, pw)
+        self.out_channels: int = int(getattr(model, "embed_dim", None) or model.num_features)
+        self.num_prefix_tokens: int = int(model.num_prefix_tokens)
+        norm, fc_norm = getattr(model, "norm", None), getattr(model, "fc_norm", None)
+        self.token_norm = isinstance(norm, nn.Identity) and isinstance(fc_norm, nn.Module) and not isinstance(
+            fc_norm, nn.Identity
+        )
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """The token grid ``(h, w)`` of an ``height x width`` input."""
+        ph, pw = self.patch_size
+        if getattr(self.model.patch_embed, "dynamic_img_pad", False):
+            return -(-height // ph), -(-width // pw)
+        return height // ph, width // pw
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map images ``(B, 3, H, W)`` to the patch-token map ``(B, out_channels, H // p, W // p)``."""
+        tokens = self.model.forward_features(x)
+        if tokens.dim() != 3:
+            raise ValueError(f"forward_features must return tokens (B, N, C), but returned {tuple(tokens.shape)}")
+        tokens = tokens[:, self.num_prefix_tokens :]
+        if self.token_norm:
+            tokens = self.model.fc_norm(tokens)
+        h, w = self.grid_size(x.shape[-2], x.shape[-1])
+        if h * w != tokens.shape[1]:
+            grid = getattr(self.model.patch_embed, "grid_size", None)  # a fixed-size model
+            if grid is None or grid[0] * grid[1] != tokens.shape[1]:
+                raise ValueError(
+                    f"{tokens.shape[1]} patch tokens do not form the grid of a {tuple(x.shape[-2:])} input "
+                    f"with patch size {self.patch_size}"
+                )
+            h, w = int(grid[0]), int(grid[1])
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+
+def _build_timm(name: str, pretrained: bool, output_stride: int | None, **kwargs: Any) -> nn.Module:
+    model_name = name[len(TIMM_PREFIX) :]
+    timm = _import_timm(name)
+    if not model_name or not timm.is_model(model_name):
+        raise ValueError(
+            f"name must be 'timm:<model name>' with a model of timm.list_models(), but got {name!r}"
+        )
+    try:  # the architecture's kind, without allocating memory or loading weights
+        with torch.device("meta"):
+            probe = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+    except Exception:  # a model that cannot be built on the meta device: build it for real
+        probe = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+    if _is_token_vit(probe):
+        if output_stride is not None:
+            raise ValueError(f"output_stride must be None for {name} (a ViT: the stride is its patch size), "
+                             f"but got {output_stride}")
+        if hasattr(probe, "dynamic_img_size") and "img_size" not in kwargs:
+            kwargs.setdefault("dynamic_img_size", True)
+        return TimmTokenMap(timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs))
+    if output_stride is not None:
+        kwargs["output_stride"] = output_stride
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, features_only=True, out_indices=(-1,), **kwargs)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{name} has no features_only mode in timm ({e}); wrap the model in a module that returns a "
+            f"(B, C, h, w) map instead (any such module works as a backbone)"
+        ) from e
+    return TimmFeatureMap(model)
+
+
+def build_backbone(
+    name: str = "resnet50", *, output_stride: int | None = None, pretrained: bool = False, **kwargs: Any
+) -> tuple[nn.Module, int]:
+    """Build a backbone returning its last feature map (randomly initialised unless ``pretrained``).
 
     Args:
         name: one of :data:`BACKBONES`: ``"resnet18"``, ``"resnet34"``, ``"resnet50"``,
-            ``"resnet101"``, ``"resnet152"`` or ``"tiny"``.
+            ``"resnet101"``, ``"resnet152"`` or ``"tiny"``; or ``"timm:<model name>"`` for any
+            timm model (optional dependency, ``pip install 'densecontrast[timm]'``): a CNN gives
+            its last ``features_only`` map (:class:`TimmFeatureMap`), a ViT its patch tokens as a
+            map with stride = patch size (:class:`TimmTokenMap`; created with
+            ``dynamic_img_size=True`` where the model supports it and no ``img_size`` is given).
         output_stride: 32 (default for ResNets), or 16 / 8 for the bottleneck ResNets
             (50/101/152; the last one or two stages use dilation instead of striding, as in
-            DeepLab), or 8 (default) / 16 for ``"tiny"``.
+            DeepLab), or 8 (default) / 16 for ``"tiny"``; passed on to timm CNNs that support it;
+            ``None`` for ViTs.
+        pretrained: timm models only: download and load timm's pretrained weights. The default
+            ``False`` never downloads anything.
         **kwargs: forwarded to the torchvision constructor (e.g. ``zero_init_residual=True``,
-            ``norm_layer``) or to :class:`TinyConvNet` (``in_channels``, ``width``).
+            ``norm_layer``), to :class:`TinyConvNet` (``in_channels``, ``width``) or to
+            ``timm.create_model`` (e.g. ``img_size``, ``drop_path_rate``).
 
     Returns:
         ``(module, out_channels)``; the module maps ``(B, 3, H, W)`` to
-        ``(B, out_channels, ceil(H / stride), ceil(W / stride))`` and has attributes
-        ``out_channels`` and ``stride``. No weights are downloaded.
+        ``(B, out_channels, ceil(H / stride), ceil(W / stride))`` (``H // p, W // p`` for a ViT
+        with patch size ``p``) and has attributes ``out_channels`` and ``stride``.
 
     Raises:
-        ValueError: for an unknown name or an unsupported stride.
+        ValueError: for an unknown name, an unsupported stride, or ``pretrained`` for a
+            non-timm backbone.
+        ImportError: for a ``"timm:"`` name when timm is not installed.
 
     Examples:
         >>> import torch
@@ -172,7 +351,13 @@ def build_backbone(name: str = "resnet50", *, output_stride: int | None = None, 
         >>> net(torch.zeros(1, 3, 96, 96)).shape
         torch.Size([1, 128, 6, 6])
     """
-    check_choice(name, "name", BACKBONES)
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX):
+        net = _build_timm(name, pretrained, output_stride, **kwargs)
+        return net, net.out_channels
+    check_choice(name, "name", BACKBONES, note="or 'timm:<model name>'")
+    if pretrained:
+        raise ValueError(f"pretrained weights are only built in for 'timm:' backbones, not for {name!r}: load "
+                         f"them into the returned module yourself")
     if name == "tiny":
         net = TinyConvNet(stride=8 if output_stride is None else output_stride, **kwargs)
         return net, net.out_channels

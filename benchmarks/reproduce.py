@@ -1,17 +1,18 @@
-"""Small-scale reproduction of the papers' comparisons on synthetic scenes (CPU).
+"""Small-scale reproduction of the papers' comparisons on CPU, scored on real photographs and synthetic scenes.
 
-Every method gets the same budget: ``--steps`` optimiser steps, batch 32, synthetic scenes of
-96 x 96 px, two 64 x 64 views, the ``tiny`` backbone (TinyConvNet, stride 8, 128 channels), SGD
-with the scripts' default learning rate, one process with ``OMP_NUM_THREADS=1``. Each run is the
-method's reference script ``examples/<m>/train.py`` started as a subprocess; ``--jobs`` runs go in
-parallel. Every exported ``backbone.pth`` (and a seeded random-init backbone) is then scored with
-one protocol, identical for all methods:
+Every method gets the same budget: ``--steps`` optimiser steps of the method's reference script
+``examples/<m>/train.py`` with its demo defaults (data, views, ``tiny`` backbone, batch, SGD), one
+process with ``OMP_NUM_THREADS=1``, started as a subprocess; ``--jobs`` runs go in parallel. The
+global-only baselines are the dense scripts with the dense loss switched off (MoCo v2 = DenseCL
+with lambda = 0, BYOL = LC-loss with alpha = 0). Every exported ``backbone.pth`` and the
+random-init twin of the architecture are scored with the project's one evaluation protocol
+(:mod:`densecontrast.eval.protocol`, the same function as the scripts' end-of-run report and
+``python -m densecontrast.eval``):
 
-* correspondence accuracy (:func:`densecontrast.eval.correspondence_accuracy`), ``mode="flip"``
-  (96 px image vs its mirror) and ``mode="crop"`` (two random resized crops rendered at 64 px),
-  colour-augmented key, on 128 held-out images (dataset seed 10000), generator seeded 0;
+* correspondence accuracy on the 17 scikit-image sample photographs and on held-out synthetic
+  scenes, ``flip`` and ``crop`` modes, colour-augmented key, mean over the 3 evaluation seeds;
 * dense linear probe mIoU (:func:`densecontrast.eval.dense_linear_probe`) on the scene masks,
-  256 training images (seed 20000), 128 validation images (seed 30000), 96 px, 20 epochs.
+  256 training images (seed 20000), 128 validation images (seed 30000), 128 px, 20 epochs.
 
 Outputs under ``--out``: ``<method>/seed<k>/`` (the script's ``backbone.pth``, ``metrics.jsonl``,
 ``train.log``, and ``eval.json``), ``results.json`` (every run and the mean / std per method) and
@@ -75,17 +76,17 @@ METHODS: dict[str, Method] = {
 }
 
 METRICS: tuple[tuple[str, str], ...] = (
-    ("flip_exact", "corr. flip (exact)"),
-    ("crop_exact", "corr. crop (exact)"),
-    ("crop_within_one", "corr. crop (±1 cell)"),
-    ("probe_miou", "probe mIoU"),
+    ("photos_crop_within_one", "photos: crop ±1 cell"),
+    ("photos_flip_exact", "photos: flip exact"),
+    ("synthetic_crop_within_one", "synthetic: crop ±1 cell"),
+    ("synthetic_flip_exact", "synthetic: flip exact"),
+    ("probe_miou", "synthetic probe mIoU"),
 )
 
-EVAL = dict(  # the evaluation protocol, identical for every backbone
-    corr_images=128, corr_seed=10_000, image_size=96, view_size=64, generator_seed=0,
+EVAL = dict(  # the probe settings; correspondence follows densecontrast.eval.protocol.CorrespondenceProtocol()
     probe_train=256, probe_train_seed=20_000, probe_val=128, probe_val_seed=30_000, probe_epochs=20,
 )
-TRAIN = dict(batch_size=32, image_size=96, crop_size=64, arch="tiny")
+TRAIN = dict(arch="tiny")  # every other setting is the scripts' default (the demo configuration)
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -95,9 +96,7 @@ def train_command(method: Method, steps: int, seed: int, run_dir: Path) -> list[
     """The subprocess command line that pre-trains ``method`` for ``steps`` steps (same budget for all)."""
     assert method.script is not None
     return [
-        sys.executable, str(ROOT / "examples" / method.script / "train.py"), *method.args,
-        "--arch", TRAIN["arch"], "--batch-size", str(TRAIN["batch_size"]),
-        "--image-size", str(TRAIN["image_size"]), "--crop-size", str(TRAIN["crop_size"]),
+        sys.executable, str(ROOT / "examples" / method.script / "train.py"), *method.args, "--arch", TRAIN["arch"],
         "--epochs", "100000", "--max-steps", str(steps), "--seed", str(seed),
         "--no-eval", "--workers", "1", "--device", "cpu", "--save-every", "1000000000", "--print-freq", "10",
         "--output-dir", str(run_dir),
@@ -154,37 +153,55 @@ def export_from_checkpoint(run_dir: Path) -> None:
     torch.save({"arch": TRAIN["arch"], "state_dict": state}, run_dir / "backbone.pth")
 
 
-def evaluate_run(run_dir: Path, seed: int, random_init: bool) -> dict[str, Any]:
-    """Score one backbone with the fixed protocol (``EVAL``) and write ``run_dir/eval.json``."""
+def load_run_backbone(run_dir: Path | None) -> Any:
+    """The exported backbone of a run, or (``run_dir=None``) the protocol's random-init twin of the architecture."""
     import torch
 
+    from densecontrast.eval.__main__ import load_backbone
+    from densecontrast.eval.protocol import CorrespondenceProtocol, random_init_like
+
+    if run_dir is not None:
+        return load_backbone(run_dir / "backbone.pth", device="cpu")[0]
     from densecontrast.backbones import build_backbone
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net, _ = build_backbone(TRAIN["arch"])
+    return random_init_like(net, CorrespondenceProtocol().random_init_seed).eval()
+
+
+def protocol_result(backbone: Any, source: str) -> dict[str, Any]:
+    """The project's correspondence protocol (trained numbers only) on ``"photos"`` or ``"synthetic"``."""
+    from densecontrast.eval.protocol import CorrespondenceProtocol, evaluate_backbone, evaluation_images
+
+    protocol = CorrespondenceProtocol()
+    images, what = evaluation_images(source, size=protocol.size)
+    return evaluate_backbone(backbone, images, protocol=protocol, images_description=what, baseline=False,
+                             device="cpu")
+
+
+def evaluate_run(run_dir: Path, seed: int, random_init: bool) -> dict[str, Any]:
+    """Score one backbone with the project's protocol (photos and synthetic scenes) and the probe; writes eval.json."""
+    import torch
+
     from densecontrast.data.synthetic import SyntheticScenes
-    from densecontrast.eval import correspondence_accuracy, dense_linear_probe
+    from densecontrast.eval import dense_linear_probe
+    from densecontrast.eval.protocol import CorrespondenceProtocol
 
     torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    backbone, _ = build_backbone(TRAIN["arch"])
-    if not random_init:
-        obj = torch.load(run_dir / "backbone.pth", map_location="cpu", weights_only=True)
-        backbone.load_state_dict(obj["state_dict"], strict=True)
-    backbone.eval()
-    size = EVAL["image_size"]
-    images = SyntheticScenes(EVAL["corr_images"], size, seed=EVAL["corr_seed"], return_mask=False)
-    res: dict[str, Any] = {}
-    for mode in ("flip", "crop"):
-        r = correspondence_accuracy(
-            backbone, images, mode, view_size=EVAL["view_size"] if mode == "crop" else None,
-            generator=torch.Generator().manual_seed(EVAL["generator_seed"]), device="cpu",
-        )
-        res[f"{mode}_exact"], res[f"{mode}_within_one"] = r["exact"], r["within_one"]
-        res[f"{mode}_chance"], res[f"{mode}_feature_shape"] = r["chance_exact"], r["feature_shape"]
-    train = SyntheticScenes(EVAL["probe_train"], size, seed=EVAL["probe_train_seed"])
-    val = SyntheticScenes(EVAL["probe_val"], size, seed=EVAL["probe_val_seed"])
+    backbone = load_run_backbone(None if random_init else run_dir)
+    protocol = CorrespondenceProtocol()
+    res: dict[str, Any] = {"random_init": random_init}
+    for source in ("photos", "synthetic"):
+        r = protocol_result(backbone, source)
+        res[source] = r
+        for m, stat in r["trained"].items():
+            res[f"{source}_{m}"] = stat["mean"]
+    train = SyntheticScenes(EVAL["probe_train"], protocol.size, seed=EVAL["probe_train_seed"])
+    val = SyntheticScenes(EVAL["probe_val"], protocol.size, seed=EVAL["probe_val_seed"])
     p = dense_linear_probe(backbone, train, val, num_classes=train.num_labels, epochs=EVAL["probe_epochs"],
                            device="cpu", seed=0)
     res["probe_miou"], res["probe_pixel_accuracy"] = p["miou"], p["pixel_accuracy"]
-    res["random_init"] = random_init
     (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -285,24 +302,19 @@ def matches_picture(run_dir: Path | None, path: Path, title: str, seed: int = 0)
     import matplotlib.pyplot as plt
     import torch
 
-    from densecontrast.backbones import build_backbone, extract_features
-    from densecontrast.data.synthetic import SyntheticScenes
+    from densecontrast.backbones import extract_features
+    from densecontrast.data.photos import sample_photos
     from densecontrast.eval.correspondence import match_correctness, random_crops, render_views
     from densecontrast.matching import similarity_match
     from densecontrast.viz import plot_matches
 
-    torch.manual_seed(seed)
-    backbone, _ = build_backbone(TRAIN["arch"])
-    if run_dir is not None:
-        backbone.load_state_dict(torch.load(run_dir / "backbone.pth", map_location="cpu", weights_only=True)
-                                 ["state_dict"])
+    backbone = load_run_backbone(run_dir)
     backbone.eval()
-    image = SyntheticScenes(1, EVAL["image_size"], seed=EVAL["corr_seed"] + 1, return_mask=False)[0]
-    x = image[None].float() / 255
+    x = sample_photos(128, names=("coffee",))[0][None].float() / 255
     g = torch.Generator().manual_seed(0)
     qg = random_crops(tuple(x.shape[-2:]), 1, g, (0.4, 1.0))
     kg = random_crops(tuple(x.shape[-2:]), 1, g, (0.4, 1.0))
-    vs = (EVAL["view_size"], EVAL["view_size"])
+    vs = (128, 128)
     v1, v2 = render_views(x, qg, vs), render_views(x, kg, vs)
     with torch.no_grad():
         f1, f2 = extract_features(backbone, v1), extract_features(backbone, v2)
@@ -329,9 +341,9 @@ def build_outputs(args: argparse.Namespace) -> str:
     results = collect(args.out, args.methods, args.seeds)
     steps = sorted({r["steps"] for r in results["runs"] if "steps" in r})
     table = markdown_table(results, args.methods)
-    budget = (f"steps per run: {', '.join(map(str, steps)) or '-'}; seeds: {' '.join(map(str, args.seeds))}; "
-              f"batch {TRAIN['batch_size']}, images {TRAIN['image_size']} px, views {TRAIN['crop_size']} px, "
-              f"backbone {TRAIN['arch']}, 1 thread per run")
+    budget = (f"steps per run: {', '.join(map(str, steps)) or '-'}; training seeds: {' '.join(map(str, args.seeds))}; "
+              f"the scripts' demo defaults, backbone {TRAIN['arch']}, 1 thread per run; correspondence: mean over "
+              "the protocol's 3 evaluation seeds per run, then mean ± std over training seeds")
     text = table + "\n\n" + budget + "\n"
     if results["missing"]:
         text += f"\nMISSING RUNS (table incomplete): {', '.join(results['missing'])}\n"

@@ -41,7 +41,7 @@ def _fake_runs(rep, out: Path, methods: dict[str, list[float]], seeds: list[int]
 
 def test_same_budget_and_valid_flags(rep, tmp_path):
     """Every trained method gets the same budget flags, and its extra flags parse with its script's parser."""
-    budget = ["--arch", "--batch-size", "--image-size", "--crop-size", "--max-steps", "--seed", "--workers"]
+    budget = ["--arch", "--max-steps", "--seed", "--workers"]
     seen = {}
     for m in rep.METHODS.values():
         if m.script is None:
@@ -73,7 +73,8 @@ def test_mean_std_matches_statistics(rep):
 
 def test_collect_and_table_on_fake_runs(rep, tmp_path):
     seeds = [0, 1, 2]
-    fake = {"random": [0.05, 0.1, 0.4, 0.5], "moco": [0.06, 0.12, 0.42, 0.55], "pixcon_sr": [0.2, 0.3, 0.6, 0.7]}
+    fake = {"random": [0.05, 0.1, 0.4, 0.5, 0.3], "moco": [0.06, 0.12, 0.42, 0.55, 0.3],
+            "pixcon_sr": [0.2, 0.3, 0.6, 0.7, 0.4]}
     _fake_runs(rep, tmp_path, fake, seeds)
     res = rep.collect(tmp_path, list(fake), seeds)
     assert res["missing"] == [] and len(res["runs"]) == 9
@@ -93,12 +94,12 @@ def test_collect_and_table_on_fake_runs(rep, tmp_path):
 
 
 def test_missing_runs_are_reported(rep, tmp_path, capsys):
-    _fake_runs(rep, tmp_path, {"moco": [0.1, 0.2, 0.3, 0.4]}, [0, 1])
+    _fake_runs(rep, tmp_path, {"moco": [0.1, 0.2, 0.3, 0.4, 0.5]}, [0, 1])
     text = rep.main(["--only-table", "--no-pictures", "--out", str(tmp_path), "--methods", "moco", "byol",
                      "--seeds", "0", "1", "2"])
     assert "MISSING RUNS" in text and "moco/seed2" in text and "byol/seed0" in text
     assert "| BYOL (global only) | global | 0 | n/a" in text
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["summary"]["moco"]["flip_exact"]["n"] == 2
+    assert saved["summary"]["moco"]["photos_flip_exact"]["n"] == 2
     assert (tmp_path / "results.md").read_text() == text
     assert text in capsys.readouterr().out

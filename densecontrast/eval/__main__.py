@@ -3,7 +3,7 @@
 Usage::
 
     python -m densecontrast.eval CHECKPOINT [--out DIR] [--arch resnet18|resnet50|...]
-        [--size 128] [--images DIR] [--num-images 64] [--probe-train 200] [--probe-val 100]
+        [--images photos|synthetic|DIR] [--no-probe] [--probe-train 200] [--probe-val 100]
         [--epochs 30] [--device cpu|cuda] [--no-baseline] [--seed 0]
 
 Accepted checkpoint files (``torch.load(..., weights_only=True)``):
@@ -21,11 +21,13 @@ when ``--arch`` is not given. The backbone is a torchvision ResNet truncated bef
 
 The report (``DIR/report.md``, plus ``report.json`` and PNG figures) holds:
 
-* correspondence accuracy (``flip`` and ``crop`` protocols, :mod:`densecontrast.eval.correspondence`)
-  on :class:`~densecontrast.data.synthetic.SyntheticScenes` or on ``--images DIR``;
+* correspondence accuracy under the project's one protocol (:mod:`densecontrast.eval.protocol`,
+  the same function and settings as the training scripts' end-of-run report): ``flip`` and
+  ``crop`` modes, mean ± std over 3 evaluation seeds, on the scikit-image sample photographs
+  (default when scikit-image is installed), held-out synthetic scenes, or ``--images DIR``;
 * a dense linear probe on ``SyntheticScenes`` masks (:mod:`densecontrast.eval.linear_probe`);
 * the same numbers for the **same architecture with random weights** (unless ``--no-baseline``),
-  so the trained numbers can be read against what the architecture gives for free;
+  with the paired margin and whether it is within noise;
 * pictures: argmax-similarity matches between two crops coloured by correctness, cosine
   attention maps of a few points, and (when present next to the checkpoint) the training
   curves from ``metrics.jsonl``.
@@ -46,6 +48,17 @@ import torch
 from torch import Tensor, nn
 
 from densecontrast.backbones import plain_state_dict
+from densecontrast.eval.protocol import (
+    METRICS,
+    CorrespondenceProtocol,
+    evaluate_backbone,
+    evaluation_images,
+    random_init_like,
+    summary_line,
+)
+
+PROTOCOL = CorrespondenceProtocol()
+"""The evaluation settings: the project's one protocol, unchanged."""
 
 __all__ = ["extract_backbone_state", "infer_arch", "load_backbone", "main"]
 
@@ -195,34 +208,14 @@ def _stage(name: str, t0: float) -> None:
     print(f"[{time.time() - t0:6.0f} s] {name}", file=sys.stderr, flush=True)
 
 
-def _evaluate(
-    backbone: nn.Module, args: argparse.Namespace, device: torch.device, label: str, t0: float
-) -> dict[str, Any]:
+def _probe(backbone: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from densecontrast.data.synthetic import SyntheticScenes
-    from densecontrast.eval.correspondence import correspondence_accuracy
     from densecontrast.eval.linear_probe import dense_linear_probe
 
-    if args.images:
-        from densecontrast.data.image_folder import ImageDataset
-
-        images: Any = ImageDataset(args.images)
-    else:
-        images = SyntheticScenes(args.num_images, args.size, seed=args.seed + 1000, return_mask=False)
-    out: dict[str, Any] = {}
-    for mode in ("flip", "crop"):
-        _stage(f"{label}: correspondence accuracy, {mode} mode", t0)
-        out[f"correspondence_{mode}"] = correspondence_accuracy(
-            backbone, images, mode, size=args.size, max_images=args.num_images, batch_size=args.batch_size,
-            generator=torch.Generator().manual_seed(args.seed), device=device,
-        )
-    _stage(f"{label}: dense linear probe ({args.epochs} epochs on {args.probe_train} images)", t0)
-    train = SyntheticScenes(args.probe_train, args.size, seed=args.seed + 100)
-    val = SyntheticScenes(args.probe_val, args.size, seed=args.seed + 101)
-    out["linear_probe"] = dense_linear_probe(
-        backbone, train, val, num_classes=train.num_labels, epochs=args.epochs, batch_size=args.batch_size,
-        device=device, seed=args.seed,
-    )
-    return out
+    train = SyntheticScenes(args.probe_train, PROTOCOL.size, seed=args.seed + 100)
+    val = SyntheticScenes(args.probe_val, PROTOCOL.size, seed=args.seed + 101)
+    return dense_linear_probe(backbone, train, val, num_classes=train.num_labels, epochs=args.epochs,
+                              batch_size=PROTOCOL.batch_size, device=device, seed=args.seed)
 
 
 def _figures(backbone: nn.Module, args: argparse.Namespace, out_dir: Path, device: torch.device) -> list[str]:
@@ -233,11 +226,12 @@ def _figures(backbone: nn.Module, args: argparse.Namespace, out_dir: Path, devic
     from densecontrast.viz import plot_attention, plot_matches, plot_training
 
     made = []
-    image = SyntheticScenes(1, max(args.size, 128), seed=args.seed + 7, return_mask=False)[0]
+    size = PROTOCOL.size
+    image = SyntheticScenes(1, max(size, 128), seed=args.seed + 7, return_mask=False)[0]
     x = image[None].float() / 255
     g = torch.Generator().manual_seed(args.seed)
     qg, kg = random_crops(tuple(x.shape[-2:]), 1, g, (0.4, 1.0)), random_crops(tuple(x.shape[-2:]), 1, g, (0.4, 1.0))
-    v1, v2 = render_views(x, qg, (args.size, args.size)), render_views(x, kg, (args.size, args.size))
+    v1, v2 = render_views(x, qg, (size, size)), render_views(x, kg, (size, size))
     with torch.no_grad():
         f1, f2 = extract_features(backbone, v1.to(device)), extract_features(backbone, v2.to(device))
     m = similarity_match(f1.float(), f2.float())
@@ -258,56 +252,54 @@ def _figures(backbone: nn.Module, args: argparse.Namespace, out_dir: Path, devic
     return made
 
 
-def _report(path: Path, arch: str, args: argparse.Namespace, res: dict[str, Any], base: dict[str, Any] | None,
-            figures: Sequence[str], seconds: float) -> str:
+def _report(path: Path, arch: str, args: argparse.Namespace, results: dict[str, Any], figures: Sequence[str],
+            seconds: float) -> str:
+    corr = results["correspondence"]
     lines = [
         "# Backbone evaluation",
         "",
         f"- checkpoint: `{args.checkpoint}`",
-        f"- architecture: `{arch}` (C5 feature map)",
-        f"- image size: {args.size} px; correspondence images: "
-        + (f"`{args.images}`" if args.images else "SyntheticScenes") + f" (at most {args.num_images})",
-        f"- linear probe: SyntheticScenes, {args.probe_train} train / {args.probe_val} val images, "
-        f"{args.epochs} epochs",
+        f"- architecture: `{arch}`",
+        f"- correspondence images: {corr['images']}, {PROTOCOL.size} px, seeds {list(PROTOCOL.seeds)}",
         f"- time: {seconds:.0f} s",
         "",
         "## Correspondence accuracy",
         "",
         "Fraction of query feature cells whose argmax-cosine match in the other view is the true cell "
         "(exact) or within one cell (Chebyshev distance <= 1). `flip`: horizontal flip + colour; "
-        "`crop`: two random resized crops + flips + colour (only queries visible in both views count).",
+        "`crop`: two random resized crops + flips + colour (only queries visible in both views count). "
+        "Mean ± std over the evaluation seeds; the margin is paired (same views for both models).",
         "",
-        "| protocol | model | exact | within one | chance (exact) | queries | feature map |",
-        "|---|---|---|---|---|---|---|",
+        "| metric | trained | random init | margin |",
+        "|---|---|---|---|",
     ]
-    for mode in ("flip", "crop"):
-        for name, r in (("trained", res), ("random init", base)):
-            if r is None:
-                continue
-            c = r[f"correspondence_{mode}"]
-            lines.append(f"| {mode} | {name} | {_fmt(c['exact'])} | {_fmt(c['within_one'])} | "
-                         f"{_fmt(c['chance_exact'])} | {c['num_queries']} | {c['feature_shape']} |")
-    lines += [
-        "",
-        "## Dense linear probe (SyntheticScenes)",
-        "",
-        "A 1x1-conv classifier on frozen features, logits upsampled bilinearly to the masks; held-out images.",
-        "",
-        "| model | mIoU | pixel accuracy |",
-        "|---|---|---|",
-    ]
-    for name, r in (("trained", res), ("random init", base)):
-        if r is not None:
-            p = r["linear_probe"]
+    for m in METRICS:
+        t = corr["trained"][m]
+        row = f"| {m} | {t['mean']:.3f} ± {t['std']:.3f} |"
+        if "random_init" in corr:
+            b, d = corr["random_init"][m], corr["margin"][m]
+            noise = " (within noise)" if d["within_noise"] else ""
+            row += f" {b['mean']:.3f} ± {b['std']:.3f} | {d['mean']:+.3f} ± {d['std']:.3f}{noise} |"
+        else:
+            row += " - | - |"
+        lines.append(row)
+    if "linear_probe" in results:
+        lines += [
+            "",
+            "## Dense linear probe (SyntheticScenes)",
+            "",
+            "A 1x1-conv classifier on frozen features, logits upsampled bilinearly to the masks; held-out images.",
+            "",
+            "| model | mIoU | pixel accuracy |",
+            "|---|---|---|",
+        ]
+        for name, p in results["linear_probe"].items():
             lines.append(f"| {name} | {_fmt(p['miou'])} | {_fmt(p['pixel_accuracy'])} |")
-    per = res["linear_probe"]["per_class_iou"]
-    lines += ["", "Per-class IoU (trained; label 0 = background): "
-              + ", ".join(f"{i}: {'-' if v is None else f'{v:.2f}'}" for i, v in enumerate(per)), ""]
     if figures:
-        lines += ["## Pictures", ""]
+        lines += ["", "## Pictures", ""]
         for f in figures:
             lines += [f"![{f}]({f})", ""]
-    text = "\n".join(lines)
+    text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
 
@@ -319,17 +311,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint stem>_eval next to it)")
     parser.add_argument("--arch", default=None, help="resnet18|resnet34|resnet50|resnet101|resnet152|tiny "
                         "(default: stored in the file or inferred)")
-    parser.add_argument("--size", type=int, default=128, help="image / view size in pixels")
-    parser.add_argument("--images", default=None, help="folder of real images for correspondence accuracy")
-    parser.add_argument("--num-images", type=int, default=64, help="images for correspondence accuracy")
+    parser.add_argument("--images", default=None,
+                        help="photos (scikit-image sample photographs), synthetic, or a folder of your photos "
+                             "(default: photos when scikit-image is installed, else synthetic)")
+    parser.add_argument("--no-probe", action="store_true", help="skip the dense linear probe")
     parser.add_argument("--probe-train", type=int, default=200, help="linear-probe training images")
     parser.add_argument("--probe-val", type=int, default=100, help="linear-probe validation images")
     parser.add_argument("--epochs", type=int, default=30, help="linear-probe epochs")
-    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the random-init baseline")
     parser.add_argument("--no-figures", action="store_true", help="skip the pictures")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the linear probe and the pictures")
     args = parser.parse_args(argv)
 
     t0 = time.time()
@@ -337,27 +329,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     backbone, arch = load_backbone(args.checkpoint, args.arch, device)
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_eval")
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    res = _evaluate(backbone, args, device, "trained", t0)
-    base = None
-    if not args.no_baseline:
-        torch.manual_seed(args.seed + 12345)  # an independent random init, not the checkpoint's own
-        rand = _build_matching(arch, backbone.state_dict())
-        base = _evaluate(rand.to(device).eval(), args, device, "random init", t0)
+    images, what = evaluation_images(args.images, size=PROTOCOL.size)
+    _stage(f"correspondence accuracy on {what} (trained and random init, {len(PROTOCOL.seeds)} seeds)", t0)
+    results: dict[str, Any] = {"arch": arch, "checkpoint": str(args.checkpoint)}
+    results["correspondence"] = evaluate_backbone(backbone, images, protocol=PROTOCOL, images_description=what,
+                                                  baseline=not args.no_baseline, device=device)
+    if not args.no_probe:
+        results["linear_probe"] = {}
+        models = [("trained", backbone)]
+        if not args.no_baseline:
+            models.append(("random init", random_init_like(backbone, PROTOCOL.random_init_seed)))
+        for name, net in models:
+            _stage(f"{name}: dense linear probe ({args.epochs} epochs on {args.probe_train} images)", t0)
+            results["linear_probe"][name] = _probe(net, args, device)
+    figures: list[str] = []
     if not args.no_figures:
         _stage("pictures", t0)
-    figures = [] if args.no_figures else _figures(backbone, args, out_dir, device)
-    results = {"arch": arch, "checkpoint": str(args.checkpoint), "trained": res, "random_init": base}
+        figures = _figures(backbone, args, out_dir, device)
     (out_dir / "report.json").write_text(json.dumps(results, indent=2, default=str))
-    _report(out_dir / "report.md", arch, args, res, base, figures, time.time() - t0)
+    _report(out_dir / "report.md", arch, args, results, figures, time.time() - t0)
     print(f"wrote {out_dir / 'report.md'}")
-    for mode in ("flip", "crop"):
-        c = res[f"correspondence_{mode}"]
-        print(f"correspondence {mode}: exact {c['exact']:.3f}, within one {c['within_one']:.3f}")
-    p = res["linear_probe"]
-    print(f"linear probe: mIoU {p['miou']:.3f}, pixel accuracy {p['pixel_accuracy']:.3f}")
+    print("correspondence accuracy " + summary_line(results["correspondence"]))
+    for name, p in results.get("linear_probe", {}).items():
+        print(f"linear probe ({name}): mIoU {p['miou']:.3f}, pixel accuracy {p['pixel_accuracy']:.3f}")
     return results
-
-
-if __name__ == "__main__":
-    main()

@@ -3,9 +3,10 @@
 * :func:`true_cell_agreement`: for a similarity matcher, the fraction of in-view queries whose
   matched key cell lies within one cell (Chebyshev) of the true correspondence known from the
   geometry. Logged every step by the scripts as ``match_within_one``.
-* :func:`final_report`: after training, on rank 0: correspondence accuracy of the trained
-  backbone against a random-init one of the same architecture, the loss curves (``loss.png``),
-  matches between two views (``matches.png``) and ``report.json``.
+* :func:`final_report`: after training, on rank 0: the project's one evaluation protocol
+  (:mod:`densecontrast.eval.protocol`: correspondence on real photographs, trained vs random
+  init, mean ± std over seeds), the loss curves (``loss.png``), matches between two views
+  (``matches.png``) and ``report.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from densecontrast.eval.protocol import CorrespondenceProtocol
 from densecontrast.geometry import ViewGeometry
 from densecontrast.matching import Matches, cell_distance, nearest_coordinate_match
 
@@ -66,68 +68,49 @@ def true_cell_agreement(
 def final_report(
     backbone: nn.Module,
     *,
-    arch: str,
     output_dir: str | os.PathLike[str],
-    image_size: int,
-    num_classes: int,
-    view_size: int,
-    seed: int,
     steps: int,
     final_loss: float,
+    images: str | os.PathLike[str] | None = None,
+    protocol: CorrespondenceProtocol | None = None,
     transform: Callable[[Any], Any] | None = None,
     match_fn: Callable[[Tensor, Tensor, ViewGeometry, ViewGeometry], Matches] | None = None,
     device: torch.device | str | None = None,
-    num_images: int = 64,
 ) -> dict[str, Any]:
-    """Evaluate and draw a trained backbone: correspondence accuracy against random init, loss curves, matches.
+    """Evaluate and draw a trained backbone under the project's one protocol; writes ``report.json``.
 
-    The trained backbone and a random-init one of the same architecture (seeded with ``seed + 1``)
-    are scored with :func:`~densecontrast.eval.correspondence.correspondence_accuracy` on
-    ``num_images`` held-out synthetic scenes (seed ``seed + 10000``), in ``"flip"`` and ``"crop"``
-    mode. With matplotlib installed it also writes ``loss.png`` (from ``metrics.jsonl``) and
+    The correspondence accuracy of the backbone and of its random-init twin, mean ± std over the
+    protocol's seeds (:func:`~densecontrast.eval.protocol.evaluate_backbone`) on the real
+    photographs (or ``images``); with matplotlib also ``loss.png`` (from ``metrics.jsonl``) and
     ``matches.png`` (``match_fn`` on two views made by ``transform``). Call it on one process.
 
     Args:
         backbone: the trained backbone ``(B, 3, H, W) -> (B, C, h, w)``.
-        arch: its :func:`~densecontrast.backbones.build_backbone` name (for the random-init baseline).
         output_dir: the run directory (holds ``metrics.jsonl``; receives ``report.json`` and pictures).
-        image_size: side of the held-out synthetic scenes.
-        num_classes: object classes of the scenes.
-        view_size: side of the evaluation views (the training crop size).
-        seed: the run's seed.
         steps: optimiser steps done (recorded).
         final_loss: the last logged loss (recorded).
+        images: evaluation images (see :func:`~densecontrast.eval.protocol.evaluation_images`).
+        protocol: the evaluation settings (default: the project's protocol).
         transform: the training multi-view transform, for ``matches.png`` (no picture when ``None``).
         match_fn: ``(query_feats, key_feats, query_geometry, key_geometry) -> Matches`` of the
             method, drawn in ``matches.png`` (default: nearest coordinate match).
         device: where to evaluate (default: the backbone's device).
-        num_images: held-out images for the correspondence accuracy.
 
     Returns:
-        The report dict also written to ``<output_dir>/report.json``.
+        The report dict also written to ``<output_dir>/report.json``: ``method``, ``steps``,
+        ``final_loss``, ``correspondence`` (the protocol's result) and ``pictures``.
     """
-    from densecontrast.backbones import backbone_device, build_backbone
-    from densecontrast.data.synthetic import SyntheticScenes
-    from densecontrast.eval.correspondence import correspondence_accuracy
+    from densecontrast.backbones import backbone_device
+    from densecontrast.eval.protocol import evaluate_backbone, evaluation_images
 
     out_dir = Path(output_dir)
     device = backbone_device(backbone, device)
-    held_out = SyntheticScenes(num_images=num_images, image_size=image_size, num_classes=num_classes,
-                               seed=seed + 10_000, return_mask=False)
-    images = torch.stack([held_out[i] for i in range(len(held_out))])
-    torch.manual_seed(seed + 1)
-    random_backbone, _ = build_backbone(arch)
-    random_backbone.to(device)
+    protocol = protocol or CorrespondenceProtocol()
+    eval_images, what = evaluation_images(images, size=protocol.size)
     report: dict[str, Any] = {"method": out_dir.name, "steps": steps, "final_loss": final_loss}
-    for name, net in (("trained", backbone), ("random_init", random_backbone)):
-        for mode in ("flip", "crop"):
-            acc = correspondence_accuracy(
-                net, images, mode=mode, view_size=view_size, generator=torch.Generator().manual_seed(0),
-                device=device,
-            )
-            report[f"{name}_{mode}_exact"] = acc["exact"]
-            report[f"{name}_{mode}_within_one"] = acc["within_one"]
-    report["pictures"] = _pictures(out_dir, backbone, transform, held_out, match_fn, device)
+    report["correspondence"] = evaluate_backbone(backbone, eval_images, protocol=protocol, images_description=what,
+                                                 device=device)
+    report["pictures"] = _pictures(out_dir, backbone, transform, match_fn, device)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -136,24 +119,22 @@ def report_line(report: dict[str, Any]) -> str:
     """The one-line summary of :func:`final_report` that the scripts print last.
 
     Examples:
-        >>> r = {"trained_crop_within_one": 0.5, "random_init_crop_within_one": 0.4,
-        ...      "trained_flip_exact": 0.2, "random_init_flip_exact": 0.1}
-        >>> report_line(r)
-        'correspondence accuracy (crop mode, within one cell): trained 0.500 vs random init 0.400; flip mode ...'
+        >>> r = {"images": "17 real photographs", "trained": {}, "random_init": {}, "margin": {}}
+        >>> for m, (t, b) in {"crop_within_one": (0.5, 0.4), "flip_exact": (0.2, 0.1)}.items():
+        ...     r["trained"][m] = {"mean": t, "std": 0.01}; r["random_init"][m] = {"mean": b, "std": 0.01}
+        ...     r["margin"][m] = {"mean": t - b, "std": 0.02, "within_noise": False}
+        >>> report_line({"correspondence": r})
+        'correspondence accuracy on 17 real photographs: crop within-one 0.500 ± 0.010 vs random init ...'
     """
-    return (
-        "correspondence accuracy (crop mode, within one cell): "
-        f"trained {report['trained_crop_within_one']:.3f} vs random init {report['random_init_crop_within_one']:.3f}; "
-        f"flip mode exact: trained {report['trained_flip_exact']:.3f} vs random init "
-        f"{report['random_init_flip_exact']:.3f}"
-    )
+    from densecontrast.eval.protocol import summary_line
+
+    return "correspondence accuracy " + summary_line(report["correspondence"])
 
 
 def _pictures(
     out_dir: Path,
     backbone: nn.Module,
     transform: Callable[[Any], Any] | None,
-    dataset: Any,
     match_fn: Callable[[Tensor, Tensor, ViewGeometry, ViewGeometry], Matches] | None,
     device: torch.device,
 ) -> list[str]:
@@ -170,9 +151,11 @@ def _pictures(
         written.append("loss.png")
     if transform is None:
         return written
+    from densecontrast.data.synthetic import SyntheticScenes
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        views, geoms = transform(dataset[0])
+        views, geoms = transform(SyntheticScenes(num_images=1, image_size=128, seed=10_000, return_mask=False)[0])
     was_training = backbone.training
     backbone.eval()
     with torch.no_grad():

@@ -237,10 +237,8 @@ def main(args: argparse.Namespace) -> None:
         export_backbone(backbone, output_dir / "backbone.pth", arch=args.arch, verify=args.arch != "tiny")
         if info.is_main and not args.no_eval:
             report = final_report(
-                backbone, arch=args.arch, output_dir=output_dir, image_size=args.image_size,
-                num_classes=args.num_classes, view_size=args.crop_size, seed=args.seed, steps=step,
-                final_loss=log.last.get("loss", float("nan")), transform=transform, device=device,
-                match_fn=lambda a, b, ga, gb: match(args, reweight, a, b, ga, gb),
+                backbone, output_dir=output_dir, steps=step, final_loss=log.last.get("loss", float("nan")),
+                transform=transform, device=device, match_fn=lambda a, b, ga, gb: match(args, reweight, a, b, ga, gb),
             )
             log.print(report_line(report))
     log.close()

@@ -38,14 +38,17 @@ if TYPE_CHECKING:
     from densecontrast.geometry import ViewGeometry
 
 __all__ = [
+    "check_bool_tensor",
     "check_choice",
     "check_finite",
     "check_floating",
     "check_geometry_pair",
     "check_grid_shape",
+    "check_index",
     "check_int",
     "check_interval",
     "check_matches",
+    "check_nonnegative",
     "check_number",
     "check_positive",
     "check_shape",
@@ -205,8 +208,18 @@ def check_floating(x: T, name: str) -> T:
     return x
 
 
-def check_finite(x: Tensor, name: str) -> Tensor:
+def check_finite(x: Tensor, name: str, *, note: str = "", asynchronous: bool = False) -> Tensor:
     """Raise ``ValueError`` if a floating tensor holds NaN or inf (other dtypes pass); return ``x``.
+
+    This reads the result on the host: one synchronization for a CUDA tensor, unless
+    ``asynchronous=True``: then a CUDA tensor is checked with an asynchronous device assert (as in
+    :func:`check_index`) and other devices still raise ``ValueError``.
+
+    Args:
+        x: the tensor.
+        name: argument name for the message.
+        note: text appended to "must be finite" in the message (e.g. what was checked).
+        asynchronous: on CUDA, assert on the device instead of synchronizing.
 
     Examples:
         >>> check_finite(torch.tensor([[0.0, float("nan")]]), "boxes")
@@ -214,14 +227,109 @@ def check_finite(x: Tensor, name: str) -> Tensor:
         ...
         ValueError: boxes must be finite, but it contains 1 NaN or inf values (first at index [0, 1]) in a tensor ...
     """
+    if not x.is_floating_point() or x.numel() == 0:
+        return x
+    if asynchronous and x.device.type == "cuda":
+        torch._assert_async(torch.isfinite(x).all(), f"{name} must be finite{_suffix(note)}")
+        return x
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        first = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"{name} must be finite{_suffix(note)}, but it contains {int(bad.sum())} NaN or inf values "
+            f"(first at index {first}) in a tensor of shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def _check_elementwise(x: Tensor, ok: Tensor, requirement: str, describe: Any) -> None:
+    """Raise unless ``ok`` (a bool tensor shaped like ``x``) is all True; asynchronous on CUDA.
+
+    On CUDA the condition is checked with ``torch._assert_async`` (no host synchronization: a
+    violation surfaces as a device-side assert at a later synchronization and leaves the CUDA
+    context unusable, as an out-of-range ``gather`` would). On every other device the result is
+    read on the host and a violation raises ``ValueError(requirement + describe(bad))``.
+    """
+    if x.numel() == 0:
+        return
+    if x.device.type == "cuda":
+        torch._assert_async(ok.all(), requirement)
+        return
+    bad = ~ok
+    if bool(bad.any()):
+        raise ValueError(f"{requirement}, but got {describe(bad)}")
+
+
+def _where_bad(x: Tensor, bad: Tensor, kind: str) -> str:
+    """``"<count> <kind> (first <value> at index [i, j]) in a tensor of shape (...)"`` for the message."""
+    first = bad.nonzero()[0].tolist()
+    value = x[tuple(first)].item()
+    return f"{int(bad.sum())} {kind} (first {value!r} at index {first}) in a tensor of shape {tuple(x.shape)}"
+
+
+def check_index(index: Tensor, name: str, size: int | None, *, note: str = "") -> Tensor:
+    """Require the entries of an integer tensor to lie in ``[0, size)`` (``size=None``: only ``>= 0``).
+
+    No host synchronization on CUDA: there the check is an asynchronous device assert
+    (``torch._assert_async``), so a bad index stops the program at the next synchronization
+    (``RuntimeError: ... device-side assert triggered``, the CUDA context is then unusable)
+    instead of raising here. On the CPU (and other devices) a ``ValueError`` is raised at once.
+
+    Args:
+        index: an integer tensor (dtype and shape are the caller's to check).
+        name: argument name for the message.
+        size: the number of entries indexed (``M``), or ``None`` when unknown.
+        note: text appended to the range in the message (e.g. which grid the indices address).
+
+    Returns:
+        ``index``.
+
+    Examples:
+        >>> check_index(torch.tensor([[0, 3]]), "key_index", 4)
+        tensor([[0, 3]])
+        >>> check_index(torch.tensor([[0, 4, -1]]), "key_index", 4, note="(the cells of key_shape (2, 2))")
+        Traceback (most recent call last):
+        ...
+        ValueError: key_index must hold indices in [0, 4) (the cells of key_shape (2, 2)), but got 2 out-of-range ...
+        >>> check_index(torch.tensor([-2]), "key_index", None)
+        Traceback (most recent call last):
+        ...
+        ValueError: key_index must hold indices >= 0, but got 1 out-of-range values (first -2 at index [0]) ...
+    """
+    ok = index >= 0
+    if size is not None:
+        ok = ok & (index < size)
+    what = f"in [0, {size})" if size is not None else ">= 0"
+    _check_elementwise(index, ok, f"{name} must hold indices {what}{_suffix(note)}",
+                       lambda bad: _where_bad(index, bad, "out-of-range values"))
+    return index
+
+
+def check_nonnegative(x: Tensor, name: str, *, note: str = "") -> Tensor:
+    """Require every entry of a tensor to be finite and ``>= 0`` (weights); return ``x``.
+
+    Bool and integer tensors only need ``>= 0``. As :func:`check_index`: an asynchronous device
+    assert on CUDA (no host synchronization), a ``ValueError`` elsewhere.
+
+    Examples:
+        >>> check_nonnegative(torch.tensor([0.0, 2.0]), "weight")
+        tensor([0., 2.])
+        >>> check_nonnegative(torch.tensor([1.0, -0.5, float("nan")]), "weight")
+        Traceback (most recent call last):
+        ...
+        ValueError: weight must be finite and >= 0, but got 2 negative or non-finite values (first -0.5 ...
+    """
+    if x.dtype == torch.bool:
+        return x
+    ok = x >= 0
     if x.is_floating_point():
-        bad = ~torch.isfinite(x)
-        if bad.any():
-            first = bad.nonzero()[0].tolist()
-            raise ValueError(
-                f"{name} must be finite, but it contains {int(bad.sum())} NaN or inf values "
-                f"(first at index {first}) in a tensor of shape {tuple(x.shape)}"
-            )
+        ok = ok & torch.isfinite(x)
+        requirement = f"{name} must be finite and >= 0{_suffix(note)}"
+        kind = "negative or non-finite values"
+    else:
+        requirement = f"{name} must be >= 0{_suffix(note)}"
+        kind = "negative values"
+    _check_elementwise(x, ok, requirement, lambda bad: _where_bad(x, bad, kind))
     return x
 
 
@@ -525,3 +633,62 @@ def to_compute(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         (torch.float32, torch.float64)
     """
     return x.to(compute_dtype(x) if dtype is None else dtype)
+
+
+# ------------------------------------------------------------------------------------ flags
+def check_bool_tensor(
+    x: object,
+    name: str,
+    dims: Sequence[Dim],
+    *,
+    sizes: MutableMapping[str, int] | None = None,
+    of: str | None = None,
+    note: str = "",
+) -> Tensor:
+    """Flags of shape ``dims``: a ``torch.bool`` tensor, or Python / NumPy bools; returned as a bool tensor.
+
+    Only the bool dtype is accepted. Integers (``0`` and ``1`` too) and floats are refused, so a
+    probability or a score passed by mistake (``0.7``) is an error instead of silently becoming ``True``.
+
+    Args:
+        x: a bool tensor, a NumPy bool array, a Python bool or a (nested) sequence of bools.
+        name: argument name for the message.
+        dims: the expected shape, as in :func:`check_shape`.
+        sizes: named sizes shared between calls, as in :func:`check_shape`.
+        of: the argument the bound sizes come from, as in :func:`check_shape`.
+        note: text appended to the expected shape in the message.
+
+    Returns:
+        ``x`` as a bool tensor (``x`` itself when it already is one).
+
+    Raises:
+        ValueError: ``x`` does not hold bools, or has another shape.
+
+    Examples:
+        >>> check_bool_tensor([True, False], "flips", ("B",))
+        tensor([ True, False])
+        >>> check_bool_tensor(torch.tensor([0.7]), "flips", ("B",))
+        Traceback (most recent call last):
+        ...
+        ValueError: flips must hold bools (a torch.bool tensor or Python bools), but got a tensor of dtype torch.float32
+        >>> check_bool_tensor([1, 0], "flips", ("B",))
+        Traceback (most recent call last):
+        ...
+        ValueError: flips must hold bools (a torch.bool tensor or Python bools), but got [1, 0] (dtype torch.int64)
+    """
+    expected = f"{name} must hold bools (a torch.bool tensor or Python bools){_suffix(note)}"
+    if isinstance(x, Tensor):
+        t = x
+        got = f"a tensor of dtype {x.dtype}"
+    else:
+        shown = repr(x)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        try:
+            t = torch.as_tensor(x)  # type: ignore[arg-type]
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{expected}, but got {shown}") from None
+        got = f"{shown} (dtype {t.dtype})"
+    if t.dtype != torch.bool:
+        raise ValueError(f"{expected}, but got {got}")
+    check_shape(t, name, dims, sizes=sizes, of=of, note=note)
+    return t

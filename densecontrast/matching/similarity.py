@@ -1,10 +1,12 @@
 """Similarity matcher: the most similar key cell of every query cell (DenseCL, PixCon-Sim/SR, VICRegL L2).
 
 Convention:
-    Queries are the ``N`` cells (rows) of the query features, keys the ``M`` cells of the key
-    features, flattened row-major for ``(B, C, h, w)`` maps. The match is computed without
-    gradient in float32 (float64 inputs stay float64), with autocast disabled, and in query
-    chunks so the full ``(B, N, M)`` similarity matrix is never held.
+    Queries are the ``N`` cells of the query features, keys the ``M`` cells of the key features,
+    flattened row-major for ``(B, C, h, w)`` maps. Flattened 3-D features state their layout:
+    ``layout="BNC"`` for ``(B, N, C)`` rows, ``layout="BCN"`` for ``(B, C, N)`` (a map after
+    ``.flatten(2)``); a 3-D tensor without ``layout`` is rejected, since ``(2, 8, 16)`` fits both.
+    The match is computed without gradient in float32 (float64 inputs stay float64), with
+    autocast disabled, and in query chunks so the full ``(B, N, M)`` similarity matrix is never held.
 """
 
 from __future__ import annotations
@@ -16,23 +18,38 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from densecontrast._checks import check_choice, check_geometry_pair, check_grid_shape, check_int, compute_dtype
+from densecontrast._checks import (
+    check_choice,
+    check_floating,
+    check_geometry_pair,
+    check_grid_shape,
+    check_int,
+    compute_dtype,
+)
 from densecontrast.geometry import ViewGeometry
 from densecontrast.matching.matches import Matches
 
 __all__ = ["SimilarityMatcher", "similarity_match"]
 
 _METRICS = ("cosine", "l2")
+_LAYOUTS = ("BNC", "BCN")
 
 
-def _flatten(name: str, x: object) -> tuple[Tensor, tuple[int, int] | None]:
-    """``(B, C, h, w)`` -> ``(B, h*w, C)`` rows and ``(h, w)``; ``(B, N, C)`` passes with ``None``."""
+def _flatten(name: str, x: object, layout: str | None) -> tuple[Tensor, tuple[int, int] | None]:
+    """``(B, C, h, w)`` -> ``(B, h*w, C)`` rows and ``(h, w)``; 3-D features by ``layout``, with ``None``."""
     if isinstance(x, Tensor) and x.dim() == 4:
-        return rearrange(x, "b c h w -> b (h w) c"), (x.shape[2], x.shape[3])
+        if layout is not None:
+            raise ValueError(f"layout is only for 3-D features; {name} is a (B, C, h, w) map, so layout must be "
+                             f"None, but got {layout!r}")
+        return rearrange(check_floating(x, name), "b c h w -> b (h w) c"), (x.shape[2], x.shape[3])
     if isinstance(x, Tensor) and x.dim() == 3:
-        return x, None
+        if layout is None:
+            raise ValueError(f"{name} is 3-D, so its layout is ambiguous: pass layout='BNC' for (B, N, C) rows or "
+                             f"layout='BCN' for (B, C, N) (a flattened map), but got shape {tuple(x.shape)}")
+        check_floating(x, name)
+        return (x if layout == "BNC" else rearrange(x, "b c n -> b n c")), None
     got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-    raise ValueError(f"{name} must have shape (B, C, h, w) or (B, N, C), but got {got}")
+    raise ValueError(f"{name} must have shape (B, C, h, w), or (B, N, C) / (B, C, N) with layout, but got {got}")
 
 
 def _resolve_shape(name: str, from_map: tuple[int, int] | None, given: object, n: int) -> tuple[int, int] | None:
@@ -56,6 +73,7 @@ def similarity_match(
     key_geometry: ViewGeometry | None = None,
     query_shape: tuple[int, int] | None = None,
     key_shape: tuple[int, int] | None = None,
+    layout: Literal["BNC", "BCN"] | None = None,
 ) -> Matches:
     """Feature matching: each query's positive is its most similar key cell of the same image.
 
@@ -73,18 +91,25 @@ def similarity_match(
     reassociation in the matmul, which only matters for near-exact ties). Zero feature vectors
     have cosine 0 with everything.
 
+    Non-finite features (NaN or inf in any channel) never give a match: a key cell with one is
+    no candidate for any query, and a query with one, or whose image has no finite key, is
+    ``valid = False`` with ``similarity`` NaN (its ``key_index`` is some in-range cell). Nothing is
+    raised and nothing is synchronized with the host for this.
+
     Args:
-        query_features: ``(B, C, h_q, w_q)`` map or ``(B, N, C)`` rows (e.g. backbone features).
-        key_features: ``(B, C, h_k, w_k)`` map or ``(B, M, C)`` rows, same ``B`` and ``C``.
+        query_features: floating ``(B, C, h_q, w_q)`` map, or 3-D with ``layout`` (e.g. backbone features).
+        key_features: floating ``(B, C, h_k, w_k)`` map, or 3-D with ``layout``; same ``B`` and ``C``.
         chunk_size: query rows held at once (>= 1).
         metric: ``"cosine"`` or ``"l2"``.
         query_geometry: optional query views; with ``key_geometry`` it fills ``in_box``.
         key_geometry: optional key views.
         query_shape: ``(h_q, w_q)``, needed for ``in_box`` when ``query_features`` is ``(B, N, C)``.
-        key_shape: ``(h_k, w_k)`` recorded in the result when ``key_features`` is ``(B, M, C)``.
+        key_shape: ``(h_k, w_k)`` recorded in the result when ``key_features`` is 3-D.
+        layout: the layout of 3-D features (both): ``"BNC"`` (rows) or ``"BCN"`` (channels
+            first); must be ``None`` for maps.
 
     Returns:
-        :class:`Matches` with ``key_index (B, N)`` long, ``valid`` all True, ``weight`` ones
+        :class:`Matches` with ``key_index (B, N)`` long, ``valid`` (all True for finite features), ``weight`` ones
         (float32), ``similarity (B, N)`` float32 (float64 for float64 inputs) = the **cosine
         similarity of the matched pair** for both metrics (for ``"cosine"`` the row maximum;
         for ``"l2"`` the cosine of the L2-nearest key, so that
@@ -92,22 +117,30 @@ def similarity_match(
         both geometries are given, and ``key_shape`` when known.
 
     Raises:
-        ValueError: bad shapes (features, geometry lengths), ``chunk_size < 1`` or an unknown
-            ``metric``.
+        ValueError: bad shapes (features, geometry lengths), non-floating features, 3-D features
+            without ``layout`` (or maps with one), ``chunk_size < 1`` or an unknown ``metric``.
 
     Examples:
         >>> q = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])  # (B, N, C)
         >>> k = torch.tensor([[[0.0, 2.0], [3.0, 0.1]]])  # (B, M, C)
-        >>> m = similarity_match(q, k, chunk_size=2)
+        >>> m = similarity_match(q, k, chunk_size=2, layout="BNC")
         >>> m.key_index
         tensor([[1, 0, 1]])
-        >>> similarity_match(q, k, metric="l2").key_index  # raw distances: (1, 1) is nearer (0, 2)
+        >>> similarity_match(q, k, metric="l2", layout="BNC").key_index  # raw distances: (1, 1) is nearer (0, 2)
         tensor([[1, 0, 0]])
+        >>> m = similarity_match(q.transpose(1, 2), k.transpose(1, 2), layout="BCN")  # (B, C, N): the same match
+        >>> m.key_index
+        tensor([[1, 0, 1]])
+        >>> m = similarity_match(torch.tensor([[[float("nan"), 0.0], [1.0, 0.0]]]), k, layout="BNC")
+        >>> m.valid, m.similarity  # a non-finite query has no match
+        (tensor([[False,  True]]), tensor([[   nan, 0.9994]]))
     """
     check_int(chunk_size, "chunk_size", 1, note="(query rows held at once)")
     check_choice(metric, "metric", _METRICS)
-    q, q_map = _flatten("query_features", query_features)
-    k, k_map = _flatten("key_features", key_features)
+    if layout is not None:
+        check_choice(layout, "layout", _LAYOUTS)
+    q, q_map = _flatten("query_features", query_features, layout)
+    k, k_map = _flatten("key_features", key_features, layout)
     b, n, c = q.shape
     if k.shape[0] != b or k.shape[2] != c:
         raise ValueError(
@@ -132,6 +165,7 @@ def similarity_match(
     device = q.device
     index = torch.empty(b, n, dtype=torch.long, device=device)
     sim = torch.empty(b, n, dtype=dtype, device=device)
+    best = torch.empty(b, n, dtype=dtype, device=device)
     per_step = max(1, chunk_size // n)  # whole images per step while N <= chunk_size
     step_n = min(n, chunk_size)
     # Normalized copies are made per step only, so memory stays ~ chunk_size * (M + C) floats.
@@ -139,25 +173,35 @@ def similarity_match(
         for b0 in range(0, b, per_step):
             b1 = min(b, b0 + per_step)
             kb = k[b0:b1].detach().to(dtype)
+            # a non-finite key is no candidate: zeroed, and its column gets a bias of -inf
+            key_ok = torch.isfinite(kb).all(-1, keepdim=True)  # (b, M, 1)
+            kb = torch.where(key_ok, kb, torch.zeros_like(kb))
+            key_bias = torch.zeros_like(key_ok, dtype=dtype).masked_fill_(~key_ok, -torch.inf).transpose(1, 2)
             kn = F.normalize(kb, dim=-1)
             if metric == "cosine":
-                kt, bias = kn.transpose(1, 2), None
+                kt, bias = kn.transpose(1, 2), key_bias  # (b, 1, M)
             else:
-                kt, bias = 2 * kb.transpose(1, 2), (kb * kb).sum(-1)[:, None, :]  # (b, 1, M)
+                kt, bias = 2 * kb.transpose(1, 2), key_bias - (kb * kb).sum(-1)[:, None, :]  # (b, 1, M)
             for n0 in range(0, n, step_n):
                 n1 = min(n, n0 + step_n)
                 qc = q[b0:b1, n0:n1].detach().to(dtype)
                 qn = F.normalize(qc, dim=-1)
-                if bias is None:
-                    val, idx = torch.max(torch.bmm(qn, kt), dim=-1)
+                if metric == "cosine":
+                    val, idx = torch.max(torch.baddbmm(bias, qn, kt), dim=-1)
+                    score = val
                 else:
-                    _, idx = torch.max(torch.bmm(qc, kt) - bias, dim=-1)
+                    score, idx = torch.max(torch.baddbmm(bias, qc, kt), dim=-1)
                     matched = torch.gather(kn, 1, idx[..., None].expand(-1, -1, c))
                     val = (qn * matched).sum(-1)
                 index[b0:b1, n0:n1] = idx
                 sim[b0:b1, n0:n1] = val
-    return Matches(
-        valid=torch.ones(b, n, dtype=torch.bool, device=q.device),
+                best[b0:b1, n0:n1] = score
+        # NaN for a non-finite query (it propagates through max), -inf when the image has no finite key
+        valid = torch.isfinite(best)
+        sim = sim.masked_fill_(~valid, torch.nan)
+    return Matches._trusted(  # indices of torch.max over the M keys: in range by construction
+        num_keys=m,
+        valid=valid,
         weight=torch.ones(b, n, dtype=torch.float32, device=q.device),
         key_index=index,
         in_box=in_box,
@@ -196,12 +240,13 @@ class SimilarityMatcher(nn.Module):
         key_geometry: ViewGeometry | None = None,
         query_shape: tuple[int, int] | None = None,
         key_shape: tuple[int, int] | None = None,
+        layout: Literal["BNC", "BCN"] | None = None,
     ) -> Matches:
         """See :func:`similarity_match`."""
         return similarity_match(
             query_features, key_features, self.chunk_size, self.metric,
             query_geometry=query_geometry, key_geometry=key_geometry,
-            query_shape=query_shape, key_shape=key_shape,
+            query_shape=query_shape, key_shape=key_shape, layout=layout,
         )
 
     def extra_repr(self) -> str:

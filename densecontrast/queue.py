@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densecontrast._checks import check_floating, check_int, check_shape, compute_dtype
+from densecontrast._checks import check_finite, check_floating, check_int, check_shape, compute_dtype
 from densecontrast.distributed import all_gather, broadcast_, is_distributed
 
 __all__ = ["MomentumQueue"]
@@ -123,8 +123,16 @@ class MomentumQueue(nn.Module):
                 into the queue). ``B`` may differ between ranks and between calls, and may exceed
                 ``size`` (then only the most recent ``size`` keys remain).
 
+        Non-finite keys are refused, since a stored NaN or inf key would poison every later
+        negative: the check reads the keys on the host (one synchronization per call), and the
+        queue and pointer stay unchanged. Under a process group with ``gather=True`` the gathered
+        keys are checked, so that every rank raises together (no rank is left waiting in a
+        collective). Keys that become infinite in a lower-precision queue ``dtype`` (possible
+        with ``normalize=False``) are refused too.
+
         Raises:
-            ValueError: ``keys`` is not a ``(B, dim)`` floating-point tensor.
+            ValueError: ``keys`` is not a ``(B, dim)`` floating-point tensor, or holds a NaN or
+                inf (before or after the cast to the queue dtype, on any rank).
 
         Examples:
             >>> import torch
@@ -135,11 +143,19 @@ class MomentumQueue(nn.Module):
         """
         check_shape(keys, "keys", ("B", self.dim), floating=True)
         keys = keys.detach()
+        gathered = self.gather and is_distributed()
+        if not gathered:  # under a process group every rank checks the gathered keys instead
+            check_finite(keys, "keys")
+        # a finite key can only turn infinite in the cast to a narrower queue dtype (normalized keys are <= 1)
+        overflow = not self.normalize and torch.finfo(self.queue.dtype).max < torch.finfo(keys.dtype).max
         if self.normalize:
             keys = F.normalize(keys.to(compute_dtype(keys)), dim=1)
         keys = keys.to(device=self.queue.device, dtype=self.queue.dtype)
-        if self.gather and is_distributed():
+        if gathered:
             keys = all_gather(keys, grad=False)
+        if gathered or overflow:
+            where = ", gathered over ranks" if gathered else ""
+            check_finite(keys, "keys", note=f"(as stored in the {self.queue.dtype} queue{where})")
         n = keys.shape[0]
         if n == 0:
             return

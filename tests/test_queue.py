@@ -173,3 +173,26 @@ def test_broadcast_without_process_group_is_identity() -> None:
     before = q.queue.clone()
     assert q.broadcast_() is q and torch.equal(q.queue, before)
     assert "size=4" in repr(q)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_enqueue_rejects_non_finite_keys_and_leaves_the_queue_unchanged(normalize: bool, bad: float) -> None:
+    q = MomentumQueue(4, 6, normalize=normalize)
+    q.enqueue(torch.randn(2, 4))
+    before, ptr = q.queue.clone(), int(q.ptr)
+    keys = torch.randn(3, 4)
+    keys[1, 2] = bad
+    with pytest.raises(ValueError, match=r"keys must be finite.*1 NaN or inf values \(first at index \[1, \d\]\)"):
+        q.enqueue(keys)  # used to be stored and to poison every later negative
+    assert torch.equal(q.queue, before) and int(q.ptr) == ptr
+    q.enqueue(keys[[0, 2]])  # the queue still works afterwards
+    assert int(q.ptr) == (ptr + 2) % 6 and bool(torch.isfinite(q.queue).all())
+
+
+def test_enqueue_rejects_keys_that_overflow_the_queue_dtype() -> None:
+    q = MomentumQueue(2, 4, normalize=False, dtype=torch.float16)
+    before = q.queue.clone()
+    with pytest.raises(ValueError, match=r"keys must be finite \(as stored in the torch.float16 queue"):
+        q.enqueue(torch.tensor([[1e6, 0.0]]))  # finite in float32, inf in float16
+    assert torch.equal(q.queue, before) and int(q.ptr) == 0

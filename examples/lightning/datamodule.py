@@ -98,13 +98,14 @@ class StepLoader(DataLoader):
 
 
 class MultiViewDataModule(L.LightningDataModule):
-    """Synthetic scenes or an image folder, as multi-view batches ``(views, geometries)``.
+    """Synthetic scenes, an image folder or any map-style dataset, as multi-view batches ``(views, geometries)``.
 
     Args:
         transform: a multi-view transform, e.g. ``densecontrast.transforms.byol_views(96)``.
         data: a folder of images (every image below it, recursively); ``None``: synthetic scenes.
-        dataset: any map-style dataset of images (or ``(image, *targets)`` tuples) instead of
-            ``data`` / synthetic scenes.
+        dataset: any map-style dataset of images, ``(image, *targets)`` tuples or dict rows (a
+            Hugging Face ``datasets.Dataset``) instead of ``data`` / synthetic scenes.
+        image_key: the image column of dict rows.
         num_images, image_size, num_classes: the synthetic scenes.
         batch_size: per-process batch size.
         workers: DataLoader workers per process.
@@ -117,6 +118,7 @@ class MultiViewDataModule(L.LightningDataModule):
         data: str | None = None,
         *,
         dataset: Any = None,
+        image_key: str = "image",
         num_images: int = 1000,
         image_size: int = 128,
         num_classes: int = 8,
@@ -134,7 +136,8 @@ class MultiViewDataModule(L.LightningDataModule):
         elif dataset is None:
             dataset = SyntheticScenes(num_images=num_images, image_size=image_size, num_classes=num_classes,
                                       seed=seed, return_mask=False)
-        self.views = SeededViews(MultiViewDataset(dataset, transform, keep_targets=False), seed=seed)
+        views = MultiViewDataset(dataset, transform, image_key=image_key, keep_targets=False)
+        self.views = SeededViews(views, seed=seed)
 
     def batches_per_epoch(self, world_size: int) -> int:
         """Optimiser steps per epoch with ``world_size`` processes (``drop_last``)."""

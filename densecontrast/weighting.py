@@ -72,8 +72,16 @@ def semantic_reweighting(
     **clamped to 0** here; upstream raises them to the power directly, so with an even
     ``gamma`` a cosine of -0.9 would weigh 0.81, rewarding dissimilar matches.
 
+    Non-finite similarities (NaN or inf, e.g. of a query with NaN features, which
+    :func:`~densecontrast.matching.similarity_match` marks invalid) give weight **0** in ``"sr"``
+    and ``"similarity"``, in-box or not, and ``"sr"`` leaves them out of the image's min and
+    max, so the other queries weigh as if they were absent (upstream, one NaN made the image
+    "degenerate" and every weight 1). No error is raised and nothing is synchronized with the
+    host. ``"spatial"`` does not read ``similarity``. With ``N = 0`` queries the result is an
+    empty ``(B, 0)`` tensor.
+
     Args:
-        similarity: ``(B, N)`` float matched similarities (not needed for ``"spatial"``).
+        similarity: ``(B, N)`` float matched similarities (not needed for ``"spatial"``); may hold NaN.
         in_box: ``(B, N)`` bool, query inside the key view (not needed for ``"similarity"``).
         gamma: sharpening exponent (PixCon default 2), ``>= 0``.
         mode: ``"sr"``, ``"spatial"`` or ``"similarity"``.
@@ -81,7 +89,8 @@ def semantic_reweighting(
         eps: denominator guard (> 0).
 
     Returns:
-        ``(B, N)`` float32 weights (float64 for float64 similarity), detached, finite.
+        ``(B, N)`` float32 weights (float64 for float64 similarity) in ``[0, 1]`` (``"sr"``,
+        ``"spatial"``) or ``>= 0``, detached, finite.
 
     Raises:
         ValueError: bad shapes or dtypes, or an unknown ``mode`` / ``degenerate``.
@@ -93,6 +102,8 @@ def semantic_reweighting(
         tensor([[1.0000, 1.0000, 1.0000, 0.2500]])
         >>> semantic_reweighting(torch.tensor([[0.5, 0.1]]), torch.tensor([[True, False]]))  # 0/0 upstream
         tensor([[1., 1.]])
+        >>> semantic_reweighting(torch.tensor([[float("nan"), 0.2, 0.6, 0.4]]), in_box)  # NaN: weight 0, ignored
+        tensor([[0.0000, 1.0000, 1.0000, 0.2500]])
     """
     _check_options(gamma, mode, degenerate, eps)
     ref = similarity if similarity is not None else in_box
@@ -117,17 +128,23 @@ def semantic_reweighting(
             return in_box.to(dtype)
         assert similarity is not None
         s = similarity.detach().to(dtype)
+        if s.shape[1] == 0:  # no queries: nothing to weigh (the min below needs one)
+            return torch.ones_like(s)
+        finite = torch.isfinite(s)
+        zero = torch.zeros_like(s)
         if mode == "similarity":
-            return s.clamp_min(0) ** gamma
+            return torch.where(finite, s.clamp_min(0) ** gamma, zero)
         assert in_box is not None
-        s_min = reduce(s, "b n -> b 1", "min")
-        s_max_out = reduce(s.masked_fill(in_box, -math.inf), "b n -> b 1", "max")  # -inf if no out-of-box query
+        s_min = reduce(s.masked_fill(~finite, math.inf), "b n -> b 1", "min")  # +inf if no finite query
+        # -inf if no finite out-of-box query
+        s_max_out = reduce(s.masked_fill(in_box | ~finite, -math.inf), "b n -> b 1", "max")
         den = s_max_out - s_min
         degenerate_img = ~(den > eps)  # also True for -inf (empty out-of-box set)
         ratio = ((s - s_min) / den.clamp_min(eps)).clamp(0, 1) ** gamma
         fill = 1.0 if degenerate == "one" else 0.0
         out = torch.where(degenerate_img, torch.full_like(ratio, fill), ratio)
-        return torch.where(in_box, torch.ones_like(out), out)
+        out = torch.where(in_box, torch.ones_like(out), out)
+        return torch.where(finite, out, zero)
 
 
 class SemanticReweighting(nn.Module):
@@ -191,7 +208,8 @@ class SemanticReweighting(nn.Module):
 
         Returns:
             ``matches`` with ``weight`` multiplied by the new weights (detached) and ``in_box``
-            set to the mask that was used.
+            set to the mask that was used. Queries with a non-finite ``similarity`` also become
+            ``valid = False`` (unless ``mode="spatial"``, which does not read it).
         """
         check_matches(matches)
         in_box = matches.in_box
@@ -212,8 +230,12 @@ class SemanticReweighting(nn.Module):
         weights = semantic_reweighting(
             matches.similarity, in_box, gamma=self.gamma, mode=self.mode, degenerate=self.degenerate, eps=self.eps
         )
-        out = matches.with_weight(matches.weight.to(weights.dtype) * weights)
-        return out if in_box is None else out.replace(in_box=in_box)
+        changes: dict[str, Tensor] = {"weight": (matches.weight.to(weights.dtype) * weights).detach()}
+        if in_box is not None:
+            changes["in_box"] = in_box
+        if self.mode != "spatial" and matches.similarity is not None:
+            changes["valid"] = matches.valid & torch.isfinite(matches.similarity)
+        return matches.replace(**changes)
 
     def extra_repr(self) -> str:
         return (

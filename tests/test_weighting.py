@@ -161,3 +161,50 @@ def test_weighting_bad_input():
         SemanticReweighting()(m, g, g, (3, 3))
     with pytest.raises(ValueError, match="query_geometry"):
         SemanticReweighting()(m, g[0], g[0], (2, 2))
+
+
+def naive_eq7_finite(s, in_box, gamma, degenerate="one", eps=1e-6):
+    """Eq. 7 over the finite similarities of each image only; a non-finite similarity weighs 0."""
+    out = torch.zeros(s.shape, dtype=torch.float64)
+    for i in range(s.shape[0]):
+        keep = torch.isfinite(s[i])
+        if keep.any():
+            out[i, keep] = naive_eq7(s[i, keep][None], in_box[i, keep][None], gamma, degenerate, eps)[0]
+    return out
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("degenerate", ["one", "zero"])
+def test_sr_non_finite_similarities_weigh_zero_and_leave_the_others_alone(bad: float, degenerate: str) -> None:
+    s = torch.tensor([[0.9, bad, 0.2, 0.6, 0.4], [bad, bad, bad, bad, bad], [0.1, 0.5, bad, 0.3, 0.3]])
+    in_box = torch.tensor([[True, True, False, False, False], [True, False, True, False, False],
+                           [True, False, False, False, True]])
+    w = semantic_reweighting(s, in_box, gamma=2.0, degenerate=degenerate)
+    # NaN used to make every weight of the image 1.0 (min and max were NaN: a "degenerate" image)
+    torch.testing.assert_close(w.double(), naive_eq7_finite(s, in_box, 2.0, degenerate))
+    assert bool(torch.isfinite(w).all()) and bool((w[~torch.isfinite(s)] == 0).all())
+    ws = semantic_reweighting(s, in_box, gamma=2.0, mode="similarity")
+    ref = torch.where(torch.isfinite(s), s.clamp_min(0) ** 2, torch.zeros_like(s))
+    torch.testing.assert_close(ws, ref)
+    assert torch.equal(semantic_reweighting(s, in_box, mode="spatial"), in_box.float())  # similarity unused
+
+
+def test_module_marks_non_finite_similarities_invalid() -> None:
+    s = torch.tensor([[0.9, math.nan, 0.2, 0.6]])
+    m = Matches(valid=torch.ones(1, 4, dtype=torch.bool), weight=torch.ones(1, 4),
+                key_index=torch.zeros(1, 4, dtype=torch.long), similarity=s,
+                in_box=torch.tensor([[True, True, False, False]]))
+    out = SemanticReweighting()(m)
+    assert out.valid.tolist() == [[True, False, True, True]]
+    assert out.effective_weight[0, 1] == 0 and bool(torch.isfinite(out.weight).all())
+
+
+def test_no_queries_give_an_empty_result() -> None:
+    m = Matches(valid=torch.zeros(2, 0, dtype=torch.bool), weight=torch.ones(2, 0),
+                key_index=torch.zeros(2, 0, dtype=torch.long), similarity=torch.zeros(2, 0),
+                in_box=torch.zeros(2, 0, dtype=torch.bool))
+    for mode in ("sr", "spatial", "similarity"):  # "sr" used to raise from the min over no queries
+        for dtype in (torch.float32, torch.float64):
+            w = semantic_reweighting(torch.zeros(3, 0, dtype=dtype), torch.zeros(3, 0, dtype=torch.bool), mode=mode)
+            assert w.shape == (3, 0) and w.dtype == dtype
+        assert SemanticReweighting(mode=mode)(m).weight.shape == (2, 0)

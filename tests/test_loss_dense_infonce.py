@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,8 +212,30 @@ def test_in_batch_negatives_without_queue() -> None:
             li = naive_infonce(qi[None], ki[None], others, 0.2)[0]
             num, den = num + mt.weight[bi, i] * li, den + mt.weight[bi, i]
     torch.testing.assert_close(loss, num / den)
-    one = DenseInfoNCE()(q[:1], key[:1], Matches(valid=mt.valid[:1], weight=mt.weight[:1], key_index=mt.key_index[:1]))
+    with pytest.warns(UserWarning, match="no negatives"):
+        one = DenseInfoNCE()(q[:1], key[:1], Matches(valid=mt.valid[:1], weight=mt.weight[:1],
+                                                     key_index=mt.key_index[:1]))
     assert one.item() == 0.0
+
+
+def test_without_queue_a_batch_of_one_warns_once_that_there_are_no_negatives() -> None:
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 4, 3, 3, generator=gen, requires_grad=True)
+    key = torch.randn(1, 4, 3, 3, generator=gen)
+    m = Matches(valid=torch.ones(1, 9, dtype=torch.bool), weight=torch.ones(1, 9),
+                key_index=torch.arange(9)[None], key_shape=(3, 3))
+    criterion = DenseInfoNCE()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses = [criterion(q, key, m) for _ in range(3)]
+        DenseInfoNCE()(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), m.replace(  # B = 2: negatives exist
+            valid=m.valid.expand(2, -1), weight=m.weight.expand(2, -1), key_index=m.key_index.expand(2, -1)))
+        criterion(q, key, m, F.normalize(torch.randn(5, 4, generator=gen), dim=1))  # a queue: no warning
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages  # used to be silent: loss 0, zero gradient
+    assert "no negatives" in messages[0] and "queue" in messages[0] and issubclass(caught[0].category, UserWarning)
+    losses[0].backward()  # still a correct, finite result with a gradient (of zeros)
+    assert losses[0].item() == 0.0 and torch.equal(q.grad, torch.zeros_like(q))
 
 
 @pytest.mark.parametrize("queue_none", [False, True])
@@ -314,6 +338,28 @@ def test_weighted_mean_and_reduce() -> None:
         reduce(loss, w, "max")
     with pytest.raises(ValueError, match="weight must have the shape"):
         weighted_mean(loss, torch.ones(5))
+
+
+def test_weighted_mean_rejects_negative_and_non_finite_weights() -> None:
+    loss = torch.tensor([1.0, 2.0, 3.0])
+    w = torch.tensor([1.0, -0.999999, 0.0])
+    with pytest.raises(ValueError, match=r"weight must be finite and >= 0, but got 1 negative or non-finite values "
+                                         r"\(first -0.99\d* at index \[1\]\)"):
+        weighted_mean(loss, w)  # used to be (1 - 1.999998) / 1e-6, a loss of about -1e6
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weight must be finite and >= 0"):
+            weighted_mean(loss, torch.tensor([1.0, bad, 1.0]))
+    for reduction in ("sum", "none"):
+        with pytest.raises(ValueError, match="weight must be finite and >= 0"):
+            reduce(loss, w, reduction)
+    # through a loss: a user-built Matches with a negative weight
+    m = Matches(valid=torch.ones(1, 4, dtype=torch.bool), weight=torch.tensor([[1.0, -1.0, 1.0, 1.0]]),
+                key_index=torch.arange(4)[None], key_shape=(2, 2))
+    with pytest.raises(ValueError, match="weight must be finite and >= 0"):
+        DenseInfoNCE()(torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2), m, F.normalize(torch.randn(4, 3), dim=1))
+    # zero and positive weights, bool weights: unchanged
+    assert weighted_mean(loss, torch.tensor([1.0, 0.0, 1.0])).item() == 2.0
+    assert weighted_mean(loss, torch.tensor([True, False, True])).item() == 2.0
 
 
 def test_no_grad_forward_equals_grad_forward() -> None:

@@ -33,6 +33,8 @@ precision. The custom function is differentiable once (no double backward).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -247,7 +249,8 @@ class DenseInfoNCE(nn.Module):
 
     Without a queue (``queue=None``) the negatives of a query are the mean-pooled, normalized keys
     of the **other** images in the batch (in-batch, DenseCL-style pooled negatives); with a batch
-    of one there are none and the loss is 0.
+    of one there are none: the loss is 0 with a zero gradient, and a ``UserWarning`` says so
+    (once per module).
 
     Args:
         temperature: ``tau > 0`` (0.2 in DenseCL and PixCon).
@@ -274,9 +277,23 @@ class DenseInfoNCE(nn.Module):
         self.temperature = check_positive(temperature, "temperature")
         self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
         self.chunk_size = check_int(chunk_size, "chunk_size", 1, allow_none=True)
+        self._warned_no_negatives = False
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reduction={self.reduction!r}"
+
+    def _warn_no_negatives(self) -> None:
+        """Once per module: in-batch negatives with a batch of one image, i.e. no negatives at all."""
+        if getattr(self, "_warned_no_negatives", False):
+            return
+        self._warned_no_negatives = True
+        warnings.warn(
+            "DenseInfoNCE without a queue takes its negatives from the other images of the batch, but the "
+            "batch holds one image: there are no negatives, so the loss is 0 and gives no gradient. Pass a "
+            "queue (e.g. MomentumQueue.negatives()) or a batch of at least two images. (Warned once per module.)",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def forward(
         self,
@@ -299,6 +316,9 @@ class DenseInfoNCE(nn.Module):
 
         Returns:
             float32 scalar (``"mean"``/``"sum"``) or ``(B, N)`` (``"none"``).
+
+        Warns:
+            UserWarning: once per module, when ``queue`` is ``None`` and ``B = 1`` (no negatives).
         """
         q = dense_queries(query, "query")
         dense_keys(key, "key")
@@ -312,6 +332,8 @@ class DenseInfoNCE(nn.Module):
             raise ValueError(f"key must have batch {b} and D = {d}, but got {tuple(key.shape)}")
         if queue is not None:
             check_shape(queue, "queue", ("K", d), floating=True)
+        elif b == 1:
+            self._warn_no_negatives()
 
         with torch.autocast(device_type=q.device.type, enabled=False):
             weight = matches.effective_weight.to(q.device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from densecontrast._checks import check_choice, check_shape, compute_dtype
+from densecontrast._checks import check_choice, check_nonnegative, check_shape, compute_dtype
 
 __all__ = ["REDUCTIONS", "reduce", "weighted_mean"]
 
@@ -24,11 +24,13 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _weight_like(loss: Tensor, weight: Tensor | None) -> Tensor:
-    """``weight`` (all ones for ``None``) checked against ``loss`` and cast to its compute dtype."""
+    """``weight`` (all ones for ``None``), checked (shape of ``loss``; finite, ``>= 0``), in the compute dtype."""
     if weight is None:
         return torch.ones_like(loss, dtype=compute_dtype(loss))
     check_shape(weight, "weight", loss.shape, of="loss")
-    return weight.to(device=loss.device, dtype=compute_dtype(loss))
+    w = weight.to(device=loss.device, dtype=compute_dtype(loss))
+    check_nonnegative(w, "weight")  # ValueError on the CPU, an asynchronous device assert on CUDA
+    return w
 
 
 def weighted_mean(loss: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
@@ -36,14 +38,21 @@ def weighted_mean(loss: Tensor, weight: Tensor | None = None, eps: float = 1e-6)
 
     Args:
         loss: per-query losses, any shape, typically ``(B, N)`` or ``(B * N,)``.
-        weight: per-query weights of the same shape (bool or float; ``None`` means all ones).
-            Invalid queries carry weight 0. Converted to the compute dtype.
+        weight: per-query weights of the same shape (bool or float; ``None`` means all ones),
+            finite and ``>= 0``. Invalid queries carry weight 0. Converted to the compute dtype.
         eps: lower bound of the denominator.
 
     Returns:
         A float32 (float64 for a float64 ``loss``) scalar. When ``sum(w) == 0`` the result is
         exactly ``0`` and is still connected to the graph of ``loss`` (every contribution is a
-        masked zero), so ``backward()`` works and produces zero gradients. Weights are expected to be non-negative.
+        masked zero), so ``backward()`` works and produces zero gradients. A query of weight 0
+        never contributes, even with a NaN or infinite loss.
+
+    Raises:
+        ValueError: ``weight`` of another shape, or with a negative, NaN or infinite entry (a
+            negative weight could make the denominator tiny and the mean huge). The values are
+            checked without a host synchronization: on CUDA a bad weight is an asynchronous
+            device assert (a ``RuntimeError`` at the next synchronization) instead.
 
     Examples:
         >>> import torch
@@ -53,6 +62,10 @@ def weighted_mean(loss: Tensor, weight: Tensor | None = None, eps: float = 1e-6)
         >>> out = weighted_mean(loss, torch.zeros(2, 2))
         >>> out.item(), out.requires_grad
         (0.0, True)
+        >>> weighted_mean(loss, torch.tensor([[1.0, -0.5], [1.0, 0.0]]))
+        Traceback (most recent call last):
+        ...
+        ValueError: weight must be finite and >= 0, but got 1 negative or non-finite values (first -0.5 at ...
     """
     w = _weight_like(loss, weight)
     loss32 = loss.to(compute_dtype(loss))
@@ -67,7 +80,8 @@ def reduce(loss: Tensor, weight: Tensor | None = None, reduction: str = "mean", 
 
     Args:
         loss: per-query losses, e.g. ``(B, N)``.
-        weight: weights of the same shape (``None``: all ones).
+        weight: weights of the same shape (``None``: all ones), finite and ``>= 0`` (checked as
+            in :func:`weighted_mean`).
         reduction: ``"mean"`` — weighted mean over valid queries (:func:`weighted_mean`);
             ``"sum"`` — ``sum(w * l)``; ``"none"`` — ``w * l`` elementwise (same shape; queries
             with weight 0 give exactly 0).

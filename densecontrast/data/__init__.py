@@ -2,16 +2,20 @@
 
 from densecontrast.data.collate import collate_views
 from densecontrast.data.image_folder import ImageDataset
-from densecontrast.data.multiview import MultiViewDataset
+from densecontrast.data.multiview import MultiViewDataset, MultiViewIterableDataset
+from densecontrast.data.photos import photos_available, sample_photos
 from densecontrast.data.sampling import SeededViews, ShardedSampler, step_batches
 from densecontrast.data.synthetic import SyntheticScenes
 
 __all__ = [
     "ImageDataset",
     "MultiViewDataset",
+    "MultiViewIterableDataset",
     "SeededViews",
     "ShardedSampler",
     "SyntheticScenes",
     "collate_views",
+    "photos_available",
+    "sample_photos",
     "step_batches",
 ]

@@ -72,7 +72,8 @@ def add_common_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpars
     g.add_argument("--crop-size", type=int, default=64, help="side of each augmented view in pixels")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
     g = parser.add_argument_group("model")
-    g.add_argument("--arch", default="tiny", help="backbone: tiny, resnet18, resnet50, ...")
+    g.add_argument("--arch", default="tiny",
+                   help="backbone: tiny, resnet18, resnet50, ..., or timm:<name> (e.g. timm:vit_small_patch16_224)")
     g.add_argument("--sync-bn", action="store_true", help="convert BatchNorm to SyncBatchNorm when distributed")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=4)

@@ -353,3 +353,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, p in results.get("linear_probe", {}).items():
         print(f"linear probe ({name}): mIoU {p['miou']:.3f}, pixel accuracy {p['pixel_accuracy']:.3f}")
     return results
+
+
+if __name__ == "__main__":
+    main()

@@ -90,3 +90,12 @@ def test_cli_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert res["correspondence"]["trained"]["flip_within_one"]["mean"] >= c["mean"]
     assert 0.0 <= res["linear_probe"]["trained"]["miou"] <= 1.0
     assert f"{c['mean']:.3f} ± {c['std']:.3f}" in text
+
+
+def test_module_runs_as_a_command() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "densecontrast.eval", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "usage: python -m densecontrast.eval" in proc.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,6 +14,7 @@ from densecontrast.geometry import ViewGeometry
 from densecontrast.matching import (
     CoordinateMatcher,
     NearestCoordinateMatcher,
+    coordinate,
     coordinate_match,
     nearest_coordinate_match,
 )
@@ -75,6 +78,96 @@ def test_coordinate_match_float64_reference_away_from_boundary(pair, qs, ks):
     clear = (dist - radius[:, None, None]).abs() > 1e-5 * radius[:, None, None]
     dense = m.to_dense(ks[0] * ks[1])
     assert torch.equal(dense[clear], (dist < radius[:, None, None])[clear])
+
+
+# Cost-model settings that force each way of computing the positives (module constants patched).
+PATHS = {
+    "dense, topk packing": {"_DENSE_PAIRS": 1 << 40, "_TOPK_PAIRS": 1 << 40},
+    "dense, nonzero packing": {"_DENSE_PAIRS": 1 << 40, "_TOPK_PAIRS": 0},
+    "windows, one group": {"_DENSE_PAIRS": 0, "_WINDOW_SETUP_PAIRS": 0, "_GROUP_PAIRS": 1 << 40},
+    "windows, a group per sample, nonzero": {"_DENSE_PAIRS": 0, "_WINDOW_SETUP_PAIRS": 0, "_GROUP_PAIRS": 0,
+                                             "_TOPK_PAIRS": 0},
+    "windows, tiny chunks": {"_DENSE_PAIRS": 0, "_WINDOW_SETUP_PAIRS": 0, "_GROUP_PAIRS": 0, "_CHUNK_PAIRS": 1},
+}
+
+
+def check_packed(m, dense):
+    """The packed form of a dense positive matrix: ascending indices, positives first, 0 in unused slots."""
+    count = dense.sum(-1)
+    assert torch.equal(m.key_mask, torch.arange(m.key_index.shape[-1]) < count[..., None])
+    assert m.key_index.shape[-1] == max(1, int(count.max()) if count.numel() else 1)
+    assert not bool(m.key_index[~m.key_mask].any())
+    steps = m.key_index.diff(dim=-1)
+    assert bool((steps[m.key_mask[..., 1:]] > 0).all())
+    assert torch.equal(m.to_dense(dense.shape[-1]), dense)
+    assert torch.equal(m.valid, dense.any(-1))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@settings(max_examples=15)
+@given(pair=view_pairs(max_batch=4), qs=grid_shapes, ks=grid_shapes, threshold=thresholds)
+def test_coordinate_match_every_path_equals_brute_force(path, pair, qs, ks, threshold):
+    qg, kg = pair
+    dense, _, _ = brute_force_positives(qg, kg, qs, ks, threshold)
+    with mock.patch.multiple(coordinate, **PATHS[path]):
+        m = coordinate_match(qg, kg, qs, ks, threshold)
+    check_packed(m, dense)
+    assert torch.equal(m.in_box, kg.contains(qg.grid(*qs)))
+
+
+@pytest.mark.parametrize("path", ["windows, one group", "windows, tiny chunks"])
+@settings(max_examples=10)
+@given(pair=view_pairs(max_batch=3, kinds=("zoom", "random", "tiny")),
+       qs=st.tuples(st.integers(8, 24), st.integers(8, 24)), ks=st.tuples(st.integers(8, 24), st.integers(8, 24)))
+def test_coordinate_match_windows_on_large_grids_and_zooms(path, pair, qs, ks):
+    qg, kg = pair
+    for a, b, sa, sb in ((qg, kg, qs, ks), (kg, qg, ks, qs)):
+        dense, _, _ = brute_force_positives(a, b, sa, sb, 0.7)
+        with mock.patch.multiple(coordinate, **PATHS[path]):
+            check_packed(coordinate_match(a, b, sa, sb), dense)
+
+
+def test_coordinate_match_default_cost_model_on_a_realistic_batch():
+    """Both default paths (dense for a small problem, windows for a large one) on random-resized crops."""
+    gen = torch.Generator().manual_seed(0)
+    size = torch.tensor([640.0, 480.0])
+    wh = torch.rand(8, 2, generator=gen) * 0.8 + 0.2
+    lo = torch.rand(8, 2, generator=gen) * (1 - wh)
+    boxes = torch.cat([lo, lo + wh], 1) * size.repeat(2)
+    qg = ViewGeometry.from_crops(boxes[:4], torch.tensor([True, False, True, False]), size)
+    kg = ViewGeometry.from_crops(boxes[4:], torch.tensor([False, False, True, True]), size)
+    calls = []
+    plan = coordinate._plan
+    with mock.patch.object(coordinate, "_plan", lambda *a: calls.append(plan(*a)) or calls[-1]):
+        for g in (3, 20):
+            dense, _, _ = brute_force_positives(qg, kg, (g, g), (g, g), 0.7)
+            check_packed(coordinate_match(qg, kg, (g, g), (g, g)), dense)
+    assert len(calls) == 1 and all(window is not None for _, window in calls[0])  # 3 x 3: dense, no plan
+
+
+def test_coordinate_match_plan():
+    sizes = [[3, 3], [12, 12], [3, 4], [4, 3], [12, 11]]
+    groups = coordinate._plan(sizes, 100, 16, 16)
+    members = sorted(i for s, _ in groups for i in (range(5)[s] if isinstance(s, slice) else s))
+    assert members == list(range(5))
+    for samples, window in groups:  # every window covers its samples' own windows
+        for i in range(5)[samples] if isinstance(samples, slice) else samples:
+            assert window is None or (window[0] >= sizes[i][0] and window[1] >= sizes[i][1])
+    assert len(groups) == 2  # the small windows together, the large ones together
+    # windows as large as the grid: the whole grid, in chunks of consecutive samples
+    assert coordinate._plan([[4, 4]] * 3, 10, 4, 4) == [(slice(0, 3), None)]
+    with mock.patch.object(coordinate, "_CHUNK_PAIRS", 20 * 16):
+        assert coordinate._plan([[4, 4]] * 3, 10, 4, 4) == [(slice(0, 2), None), (slice(2, 3), None)]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_coordinate_match_empty_batch(path):
+    g = ViewGeometry.from_crops(torch.zeros(0, 4), None, torch.tensor([10.0, 10.0]))
+    with mock.patch.multiple(coordinate, **PATHS[path]):
+        m = CoordinateMatcher()(g, g, (2, 3), (4, 5))
+    assert m.key_index.shape == m.key_mask.shape == (0, 6, 1)
+    assert m.valid.shape == m.in_box.shape == m.weight.shape == (0, 6)
+    assert m.key_shape == (4, 5) and m.key_index.dtype == torch.long
 
 
 def test_coordinate_match_identical_square_views_is_identity():

@@ -52,11 +52,122 @@ def center_distance(a: Tensor, b: Tensor) -> Tensor:
     return torch.sqrt(dx * dx + dy * dy)
 
 
-def _bin_diagonal(geometry: ViewGeometry, h: int, w: int) -> Tensor:
-    return torch.linalg.vector_norm(geometry.cell_size(h, w), dim=-1)
+def _bin_diagonal(cell_size: Tensor) -> Tensor:
+    """``(B,)`` bin diagonals from ``(B, 2)`` cell sizes (:meth:`ViewGeometry.cell_size`)."""
+    return torch.linalg.vector_norm(cell_size, dim=-1)
 
 
 # ---------------------------------------------------------------------- PixPro threshold matcher
+# Cost model of coordinate_match, in units of one tested (query, key cell) pair. A pair costs about
+# a nanosecond on one CPU core; a group of tensor operations about 20 microseconds, whatever its size.
+# benchmarks/matching.py prints the sweep these were read from and the crossover they give.
+_DENSE_PAIRS = 1 << 15  # up to B * N * M pairs, test every pair: nothing to set up
+_WINDOW_SETUP_PAIRS = 1 << 14  # fixed cost of the windows: key-cell coordinates, sizes, one host read
+_GROUP_PAIRS = 1 << 14  # fixed cost of one group of samples tested together
+_CHUNK_PAIRS = 1 << 21  # at most this many pairs tested at once: bounds the temporaries (~10 bytes a pair)
+_TOPK_PAIRS = 1 << 14  # pack by topk up to this many pairs, by nonzero above
+
+_Samples = slice | list[int]
+_Window = tuple[int, int] | None  # (k_x, k_y) key cells around each query, or None: the whole key grid
+
+
+def _width(count: Tensor) -> int:
+    """The packed width ``k``: the largest positive count, at least 1 (also for an empty batch)."""
+    return max(int(count.max()), 1) if count.numel() else 1
+
+
+def _hits(cq: Tensor, xs: Tensor, ys: Tensor, radius: Tensor) -> Tensor:
+    """Exact positive test of every query against a ``k_y x k_x`` block of candidate key cells.
+
+    Args:
+        cq: ``(b, N, 2)`` image-space query centers.
+        xs: ``(b, N, k_x)`` or ``(b, 1, k_x)`` image-space x of the candidate key columns.
+        ys: ``(b, N, k_y)`` or ``(b, 1, k_y)`` image-space y of the candidate key rows.
+        radius: ``(b,)`` positive radius.
+
+    Returns:
+        ``(b, N, k_y * k_x)`` bool, candidate ``(r, c)`` at ``r * k_x + c``: ``distance < radius``
+        with the operations of :func:`center_distance` (``sqrt(dx * dx + dy * dy)``, the sum
+        commutes), so the set is bit-identical to testing every pair.
+    """
+    dx = cq[..., 0:1] - xs
+    dy = cq[..., 1:2] - ys
+    d2 = (dy * dy)[..., :, None] + (dx * dx)[..., None, :]  # (b, N, k_y, k_x)
+    return (d2.sqrt_() < radius[:, None, None, None]).flatten(2)
+
+
+def _pack(hit: Tensor) -> tuple[Tensor, Tensor]:
+    """The positions of the True entries of every row, packed into ``k`` slots.
+
+    Args:
+        hit: ``(b, N, W)`` bool.
+
+    Returns:
+        ``pos (b, N, k)`` long (ascending, 0 in unused slots) and ``mask (b, N, k)`` bool
+        (``k = max(1, largest row count)``). Small inputs use ``topk``, large ones ``nonzero``
+        (work proportional to the True entries once they are found).
+    """
+    b, n, w = hit.shape
+    if hit.numel() <= _TOPK_PAIRS:
+        k = _width(hit.sum(-1))
+        pos = torch.where(hit, torch.arange(w, device=hit.device), w).topk(k, dim=-1, largest=False).values
+        mask = pos < w
+        return torch.where(mask, pos, 0), mask
+    flat = hit.reshape(-1).nonzero().squeeze(1)  # ascending
+    row = torch.div(flat, w, rounding_mode="floor")
+    count = torch.bincount(row, minlength=b * n)
+    k = _width(count)
+    slot = torch.arange(flat.numel(), device=hit.device) - (count.cumsum(0) - count)[row]
+    pos = torch.zeros(b * n * k, dtype=torch.long, device=hit.device)
+    pos[row * k + slot] = flat - row * w
+    mask = torch.arange(k, device=hit.device) < count[:, None]
+    return pos.view(b, n, k), mask.view(b, n, k)
+
+
+def _plan(sizes: list[list[int]], n: int, hk: int, wk: int) -> list[tuple[_Samples, _Window]]:
+    """Split the batch into groups tested together, each with one window size, by the cost model.
+
+    Samples sorted by window area are grouped greedily: a sample joins the current group unless
+    enlarging the group's window would cost more pairs than a new group (:data:`_GROUP_PAIRS`), or
+    the group would exceed :data:`_CHUNK_PAIRS`. The whole key grid is compared instead (in chunks
+    of consecutive samples) when that costs fewer pairs.
+
+    Args:
+        sizes: per sample ``[k_x, k_y]``, its window in key cells (capped at the grid).
+        n: queries per sample.
+        hk: key grid height.
+        wk: key grid width.
+
+    Returns:
+        ``(samples, window)`` pairs; ``window`` is ``None`` for the whole grid.
+    """
+    b, m = len(sizes), hk * wk
+    per = max(1, _CHUNK_PAIRS // (n * m))
+    dense: list[tuple[_Samples, _Window]] = [(slice(s, min(b, s + per)), None) for s in range(0, b, per)]
+    dense_cost = b * n * m + len(dense) * _GROUP_PAIRS
+    groups: list[tuple[_Samples, _Window]] = []
+    cost = _WINDOW_SETUP_PAIRS
+    ids: list[int] = []
+    kx = ky = 0
+    for i in sorted(range(b), key=lambda j: sizes[j][0] * sizes[j][1]):
+        sx, sy = sizes[i]
+        gx, gy = max(kx, sx), max(ky, sy)
+        grown = n * ((len(ids) + 1) * gx * gy - len(ids) * kx * ky)
+        if ids and (grown > _GROUP_PAIRS + n * sx * sy or (len(ids) + 1) * n * gx * gy > _CHUNK_PAIRS):
+            groups.append((ids, (kx, ky)))
+            cost += _GROUP_PAIRS + len(ids) * n * kx * ky
+            ids, gx, gy = [], sx, sy
+        ids.append(i)
+        kx, ky = gx, gy
+    groups.append((ids, (kx, ky)))
+    cost += _GROUP_PAIRS + len(ids) * n * kx * ky
+    if cost >= dense_cost:
+        return dense
+    if len(groups) == 1:  # the whole batch in one group: keep the batch order
+        groups = [(slice(0, b), groups[0][1])]
+    return [(s, None if w == (wk, hk) else w) for s, w in groups]
+
+
 def coordinate_match(
     query_geometry: ViewGeometry,
     key_geometry: ViewGeometry,
@@ -71,17 +182,26 @@ def coordinate_match(
     image-space centers, the distance is :func:`center_distance` in normalized image
     coordinates (x over the image width, y over its height, as PixPro) and ``diag_v`` is the
     norm of :meth:`ViewGeometry.cell_size` (the bin diagonal, same units). The comparison is
-    strict, as PixPro's.
+    strict, as PixPro's. The result is bit-identical to testing every ``(i, j)`` pair.
 
-    The set is found analytically in ``O(N k)`` time and memory: the query center is mapped
-    into the key grid (:meth:`ViewGeometry.to_cells`), a ``k_y x k_x`` window of key cells around
-    it (one size for the batch, from the largest radius in key cells plus a one-cell margin,
-    capped at the grid) is tested exactly with the formula above, one window row at a time
-    (along a row the positives are one run of consecutive columns), and the result is packed
-    into the largest positive count ``k``. It is bit-identical to testing every ``(i, j)`` pair.
+    A cost model picks how, per batch (constants in this module, measured by
+    ``benchmarks/matching.py``):
+
+    * small problems (``B * N * M`` up to ``2**15`` pairs) compare every query with every key
+      cell; a key cell's x depends on its column only and its y on its row only, so the
+      distances are ``dy^2 + dx^2`` broadcast from ``(B, N, h_k)`` and ``(B, N, w_k)`` terms;
+    * otherwise each query is compared with a ``k_y x k_x`` window of key cells around its
+      closed-form location in the key grid (:meth:`ViewGeometry.to_cells`), sized per sample from
+      its radius in key cells plus a one-cell margin and capped at the grid. Samples with
+      similar windows are tested together, at most ``2**21`` pairs at a time (bounded memory);
+      the whole grid is compared instead when the windows would cost more.
+
+    Either way the test is one broadcast comparison (no loop over window rows) and the
+    positives are packed into the largest positive count ``k`` of the batch. Time and memory
+    are ``O(B N k_x k_y)``, about ``O(B N k)``, with one host synchronization for ``k``.
 
     Args:
-        query_geometry: B query views.
+        query_geometry: B query views (``B = 0`` gives an empty result).
         key_geometry: B key views of the same images.
         query_shape: ``(h_q, w_q)`` of the query feature map.
         key_shape: ``(h_k, w_k)`` of the key feature map.
@@ -89,10 +209,10 @@ def coordinate_match(
 
     Returns:
         :class:`Matches` in the multi-positive form: ``key_index (B, N, k)`` long and
-        ``key_mask (B, N, k)`` bool (positives first, ascending key index; ``k >= 1`` is the
-        largest positive count in the batch), ``valid = key_mask.any(-1)``, ``in_box (B, N)``
-        (the query center lies in the key view), ``weight`` ones (geometry dtype) and
-        ``key_shape``.
+        ``key_mask (B, N, k)`` bool (positives first, ascending key index, 0 in unused slots;
+        ``k >= 1`` is the largest positive count in the batch), ``valid = key_mask.any(-1)``,
+        ``in_box (B, N)`` (the query center lies in the key view), ``weight`` ones (geometry
+        dtype) and ``key_shape``.
 
     Raises:
         ValueError: ``threshold <= 0``, bad shapes, or geometries of different lengths.
@@ -111,63 +231,67 @@ def coordinate_match(
                 [1, 0, 0, 0],
                 [0, 0, 0, 1],
                 [0, 0, 1, 0]], dtype=torch.int32)
+        >>> coordinate_match(q[:0], k[:0], (2, 2), (2, 2)).key_index.shape  # an empty batch
+        torch.Size([0, 4, 1])
     """
     query_geometry, key_geometry = check_geometry_pair(query_geometry, key_geometry)
     hq, wq = check_grid_shape(query_shape, "query_shape")
     hk, wk = check_grid_shape(key_shape, "key_shape")
     threshold = check_positive(threshold, "threshold", note="(bin diagonals)")
     with torch.no_grad():
-        b = len(query_geometry)
-        n = hq * wq
+        b, n, m = len(query_geometry), hq * wq, hk * wk
         cq = query_geometry.grid(hq, wq)  # (B, N, 2) image space
         ck = key_geometry.grid(hk, wk)  # (B, M, 2)
         # a key cell's x depends on its column only, its y on its row only (the same floats as in ck)
-        col_x = ck[:, :wk, 0]  # (B, w_k)
-        row_y = ck[:, ::wk, 1]  # (B, h_k)
-        radius = threshold * torch.maximum(_bin_diagonal(query_geometry, hq, wq), _bin_diagonal(key_geometry, hk, wk))
-        uv = key_geometry.to_cells(cq, hk, wk)  # (B, N, 2) continuous key-cell coords
-        r_cells = radius[:, None] / key_geometry.cell_size(hk, wk)  # (B, 2) radius in key cells (x, y)
-        # window of kx x ky cells, one size for the batch; +4 = floor slack + a one-cell float margin each side
-        kx = min(wk, math.floor(2 * float(r_cells[:, 0].max())) + 4)
-        ky = min(hk, math.floor(2 * float(r_cells[:, 1].max())) + 4)
-        x0 = (torch.floor(uv[..., 0] - r_cells[:, None, 0]).long() - 1).clamp(0, wk - kx)  # (B, N)
-        y0 = (torch.floor(uv[..., 1] - r_cells[:, None, 1]).long() - 1).clamp(0, hk - ky)
-        cols = x0[..., None] + torch.arange(kx, device=x0.device)  # (B, N, kx)
-        dx = cq[..., 0:1] - torch.gather(col_x, 1, cols.reshape(b, -1)).reshape(b, n, kx)
-        dx2 = dx * dx
-        del dx, cols
-        r2 = radius[:, None, None]
-        # Per window row, the positives are one run of consecutive columns (the distance is
-        # unimodal along a row, also in floating point): keep its length and first column.
-        counts, starts = [], []
-        for r in range(ky):
-            dy = cq[..., 1] - torch.gather(row_y, 1, y0 + r)  # (B, N)
-            hit = torch.sqrt(dx2 + (dy * dy)[..., None]) < r2  # the same ops as center_distance
-            counts.append(hit.sum(-1))
-            starts.append(hit.to(torch.uint8).argmax(-1))  # first positive column (0 if none)
-            del hit
-        count = torch.stack(counts, -1)  # (B, N, ky)
-        start = torch.stack(starts, -1)
-        del counts, starts, dx2
-        total = count.sum(-1)  # (B, N)
-        kmax = max(int(total.max()) if total.numel() else 0, 1)
-        before = torch.cumsum(count, -1) - count  # slots used by earlier rows
-        slot = torch.arange(kmax, device=x0.device)
-        index = torch.zeros(b, n, kmax, dtype=torch.long, device=x0.device)
-        for r in range(ky):
-            lo, cnt = before[..., r, None], count[..., r, None]
-            first = ((y0 + r) * wk + x0 + start[..., r])[..., None]  # key index of the run's first cell
-            take = (slot >= lo) & (slot < lo + cnt)
-            index = torch.where(take, first + (slot - lo), index)
-        mask = slot < total[..., None]
+        col_x, row_y = ck[:, :wk, 0], ck[:, ::wk, 1]  # (B, w_k), (B, h_k)
+        cell_k = key_geometry.cell_size(hk, wk)  # (B, 2)
+        radius = threshold * torch.maximum(_bin_diagonal(query_geometry.cell_size(hq, wq)), _bin_diagonal(cell_k))
         in_box = key_geometry.contains(cq)
-    return Matches(
+        groups: list[tuple[_Samples, _Window]] = [(slice(0, b), None)]
+        if b * n * m > _DENSE_PAIRS:
+            r_cells = radius[:, None] / cell_k  # (B, 2) radius in key cells (x, y)
+            # k_x x k_y cells per sample: +4 = floor slack + a one-cell float margin each side
+            size = torch.minimum(torch.floor(2 * r_cells).long() + 4, torch.tensor([wk, hk], device=cq.device))
+            groups = _plan(size.tolist(), n, hk, wk)
+        if any(window is not None for _, window in groups):
+            uv = key_geometry.to_cells(cq, hk, wk)  # (B, N, 2) continuous key-cell coordinates
+            first = torch.floor(uv - r_cells[:, None, :]).long() - 1  # (B, N, 2) window's first column, row
+        parts = []
+        for samples, window in groups:
+            sel = samples if isinstance(samples, slice) else torch.tensor(samples, device=cq.device)
+            if window is None:
+                hit = _hits(cq[sel], col_x[sel, None, :], row_y[sel, None, :], radius[sel])
+                key, mask = _pack(hit)  # window = grid: positions are key indices
+            else:
+                kx, ky = window
+                x0 = first[sel, :, 0].clamp(0, wk - kx)  # (b, N)
+                y0 = first[sel, :, 1].clamp(0, hk - ky)
+                bs = x0.shape[0]
+                cols = x0[..., None] + torch.arange(kx, device=cq.device)  # (b, N, k_x)
+                rows = y0[..., None] + torch.arange(ky, device=cq.device)
+                xs = torch.gather(col_x[sel], 1, cols.view(bs, -1)).view(bs, n, kx)
+                ys = torch.gather(row_y[sel], 1, rows.view(bs, -1)).view(bs, n, ky)
+                pos, mask = _pack(_hits(cq[sel], xs, ys, radius[sel]))
+                # window positions ascend with the key index (row-major window inside the grid)
+                key = torch.where(mask, (y0[..., None] + pos // kx) * wk + x0[..., None] + pos % kx, 0)
+            parts.append((sel, key, mask))
+        if len(parts) == 1:
+            _, index, mask = parts[0]
+        else:
+            k = max(key.shape[-1] for _, key, _ in parts)
+            index = torch.zeros(b, n, k, dtype=torch.long, device=cq.device)
+            mask = torch.zeros(b, n, k, dtype=torch.bool, device=cq.device)
+            for sel, key, part_mask in parts:
+                index[sel, :, : key.shape[-1]] = key
+                mask[sel, :, : key.shape[-1]] = part_mask
+    return Matches._trusted(  # key indices lie in the grid by construction
         valid=mask.any(-1),
         weight=torch.ones(b, n, dtype=cq.dtype, device=cq.device),
         key_index=index,
         key_mask=mask,
         in_box=in_box,
         key_shape=(hk, wk),
+        num_keys=m,
     )
 
 

@@ -84,7 +84,8 @@ def location_match(
       score each by the cosine between ``query_embeddings`` and ``key_embeddings`` bilinearly
       sampled at it, keep the ``round(hard_fraction * num_points)`` most dissimilar (lowest
       cosine, ascending) first, then fill the rest with fresh uniform points. Scoring runs
-      without gradient in float32.
+      without gradient in float32; candidates whose scores tie (e.g. several points clamped
+      onto the same border cells) come in no promised order among themselves.
 
     Images whose views do not overlap (zero-area intersection) get ``valid = False`` for all
     points (their points are finite but meaningless); this is not an error.

@@ -4,23 +4,24 @@ Each view of an image is made in two parts:
 
 1. a **spatial** part, either a random resized crop (area ``scale``, aspect ``ratio``) or a
    resize of the full image with no crop, followed by a horizontal flip with probability
-   ``flip_p``;
+   ``flip_p`` and a vertical flip with probability ``vflip_p`` (default 0);
 2. a **photometric** part: any callable on the view tensor (a ``torchvision.transforms.v2``
    pipeline, e.g. [`color_pipeline`][densecontrast.transforms.color_pipeline]).
 
-The crop rectangle and the flip decision are sampled first, stored in a
+The crop rectangle and the flip decisions are sampled first, stored in a
 [`ViewGeometry`][densecontrast.geometry.ViewGeometry], and only then applied with
-``torchvision.transforms.v2.functional.resized_crop`` and ``horizontal_flip``. The geometry is
-therefore the record of what was done, never re-derived from the output.
+``torchvision.transforms.v2.functional.resized_crop``, ``horizontal_flip`` and ``vertical_flip``.
+The geometry is therefore the record of what was done, never re-derived from the output.
 
 Convention:
     * Crops are integer pixel rectangles of the original image (``top``, ``left``, ``height``,
       ``width``), as ``torchvision`` samples them. The geometry stores them as continuous pixel
       boxes ``x0, y0, x1, y1 = left, top, left + width, top + height`` (pixel ``(i, j)`` covers
-      ``[j, j + 1) x [i, i + 1)``), together with the flip flag and the original ``(W, H)``.
+      ``[j, j + 1) x [i, i + 1)``), together with the flip flags and the original ``(W, H)``.
     * The crop is resized with ``align_corners=False`` sampling, so output pixel ``p`` of a view
       of width ``w_out`` shows the image point ``x0 + (p + 0.5) / w_out * (x1 - x0)`` (pixels),
-      mirrored when flipped. This is exactly ``ViewGeometry.grid``'s convention.
+      mirrored when flipped (rows likewise, mirrored when flipped vertically). This is exactly
+      ``ViewGeometry.grid``'s convention.
     * An ``int`` size means a square ``size x size`` view, for crops and full-image views alike.
     * Randomness comes from torch's global generator (as in ``torchvision``): seed it with
       ``torch.manual_seed`` for reproducible views; ``DataLoader`` workers are seeded by torch.
@@ -70,6 +71,15 @@ SizeLike = int | Sequence[int]
 
 
 # ---------------------------------------------------------------------------------------- helpers
+def _draw(p: float) -> bool:
+    """``True`` with probability ``p`` from torch's global generator (no draw when ``p`` is 0 or 1)."""
+    if p == 0.0:
+        return False
+    if p == 1.0:
+        return True
+    return bool(torch.rand(()) < p)
+
+
 def to_image_tensor(image: Any) -> Tensor:
     """Validate an input image and return it as a plain ``(C, H, W)`` tensor.
 
@@ -103,18 +113,19 @@ def to_image_tensor(image: Any) -> Tensor:
     return x
 
 
-def crop_geometry(crop: Crop, flip: bool, image_size: tuple[int, int]) -> ViewGeometry:
-    """The one-view [`ViewGeometry`][densecontrast.geometry.ViewGeometry] of an integer crop and a flip.
+def crop_geometry(crop: Crop, flip: bool, image_size: tuple[int, int], *, vflip: bool = False) -> ViewGeometry:
+    """The one-view [`ViewGeometry`][densecontrast.geometry.ViewGeometry] of an integer crop and its flips.
 
     Args:
         crop: ``(top, left, height, width)`` in original-image pixels.
         flip: whether the resized crop is mirrored horizontally.
         image_size: original ``(H, W)`` in pixels (torch order, as ``image.shape[-2:]``).
+        vflip: whether the resized crop is mirrored vertically.
 
     Returns:
         A geometry with ``boxes (1, 4) = [[left, top, left + width, top + height]]`` (float32
-        pixels), ``flips (1,)`` and ``image_size (1, 2) = [[W, H]]``, equal to what
-        ``ViewGeometry.from_crops`` builds from these tensors.
+        pixels), ``flips (1,)``, ``vflips (1,)`` and ``image_size (1, 2) = [[W, H]]``, equal to what
+        ``ViewGeometry.from_crops`` (and ``ViewGeometry.from_torchvision_crop``) build from them.
 
     Raises:
         ValueError: an empty crop or one that leaves the image.
@@ -136,6 +147,7 @@ def crop_geometry(crop: Crop, flip: bool, image_size: tuple[int, int]) -> ViewGe
         boxes=torch.tensor([[left, top, left + w, top + h]], dtype=torch.float32),
         flips=torch.tensor([bool(flip)]),
         image_size=torch.tensor([[width, height]], dtype=torch.float32),
+        vflips=torch.tensor([bool(vflip)]),
     )
 
 
@@ -199,6 +211,7 @@ def resized_crop_flip(
     flip: bool,
     size: SizeLike,
     *,
+    vflip: bool = False,
     interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
     antialias: bool = True,
 ) -> Tensor:
@@ -209,6 +222,7 @@ def resized_crop_flip(
         crop: ``(top, left, height, width)`` in pixels, inside the image.
         flip: mirror the result horizontally.
         size: output ``int`` (square) or ``(height, width)``.
+        vflip: mirror the result vertically.
         interpolation: resampling mode (``torchvision`` ``InterpolationMode``).
         antialias: low-pass filter when downscaling (``torchvision``'s ``antialias``).
 
@@ -217,14 +231,17 @@ def resized_crop_flip(
 
     Convention:
         Sampling uses ``align_corners=False``: output pixel ``p`` is centered on the image point
-        ``left + (p + 0.5) * width / w_out`` (and mirrored when ``flip``), matching
-        [`crop_geometry`][densecontrast.transforms.crop_geometry].
+        ``left + (p + 0.5) * width / w_out`` (and mirrored when ``flip``; rows likewise, mirrored
+        when ``vflip``), matching [`crop_geometry`][densecontrast.transforms.crop_geometry].
 
     Examples:
         >>> x = torch.arange(16.0).view(1, 4, 4)
         >>> resized_crop_flip(x, (0, 0, 2, 4), True, (2, 4))
         tensor([[[3., 2., 1., 0.],
                  [7., 6., 5., 4.]]])
+        >>> resized_crop_flip(x, (0, 0, 2, 4), False, (2, 4), vflip=True)
+        tensor([[[4., 5., 6., 7.],
+                 [0., 1., 2., 3.]]])
     """
     h, w = check_size(size)
     top, left, ch, cw = crop
@@ -233,6 +250,8 @@ def resized_crop_flip(
     )
     if flip:
         out = TF.horizontal_flip(out)
+    if vflip:
+        out = TF.vertical_flip(out)
     return out
 
 
@@ -335,7 +354,7 @@ def color_pipeline(
 
 # ---------------------------------------------------------------------------------------- one view
 class ViewTransform(nn.Module):
-    """One view: a spatial part (random resized crop or full-image resize, then flip) and a photometric part.
+    """One view: a spatial part (random resized crop or full-image resize, then flips) and a photometric part.
 
     Args:
         size: output ``int`` (square) or ``(height, width)`` in pixels.
@@ -345,6 +364,8 @@ class ViewTransform(nn.Module):
         scale: crop area range as fractions of the image area, ``0 < min <= max <= 1``.
         ratio: crop aspect-ratio range (width / height), ``0 < min <= max``.
         flip_p: probability of a horizontal flip, in ``[0, 1]``.
+        vflip_p: probability of a vertical flip, in ``[0, 1]`` (default 0: never; no random
+            number is drawn then, so the views of a seed do not change).
         photometric: a callable applied to the resized, flipped ``(C, h, w)`` view tensor (e.g.
             [`color_pipeline`][densecontrast.transforms.color_pipeline]); it must not move pixels.
             ``None``: the view keeps the input dtype.
@@ -352,8 +373,9 @@ class ViewTransform(nn.Module):
         antialias: low-pass filter when downscaling.
 
     Convention:
-        See the module docstring: integer pixel crops, ``align_corners=False`` resampling, flip
-        after the resize. The returned geometry is built from the sampled parameters.
+        See the module docstring: integer pixel crops, ``align_corners=False`` resampling, flips
+        after the resize (the horizontal one is drawn first). The returned geometry is built from
+        the sampled parameters.
 
     Examples:
         >>> _ = torch.manual_seed(0)
@@ -374,6 +396,7 @@ class ViewTransform(nn.Module):
         photometric: Callable[[Tensor], Tensor] | None = None,
         interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
         antialias: bool = True,
+        vflip_p: float = 0.0,
     ) -> None:
         super().__init__()
         self.size = check_size(size)
@@ -381,6 +404,7 @@ class ViewTransform(nn.Module):
         self.scale = check_interval(scale, "scale", 0.0, 1.0)
         self.ratio = check_interval(ratio, "ratio", 0.0, math.inf)
         self.flip_p = check_number(flip_p, "flip_p", 0, 1, note="(a probability)")
+        self.vflip_p = check_number(vflip_p, "vflip_p", 0, 1, note="(a probability)")
         if photometric is not None and not callable(photometric):
             raise ValueError(f"photometric must be a callable on a (C, H, W) tensor or None, but got {photometric!r}")
         self.photometric = photometric
@@ -434,19 +458,25 @@ class ViewTransform(nn.Module):
             >>> ViewTransform(8, flip_p=1.0).sample_flip()
             True
         """
-        if self.flip_p == 0.0:
-            return False
-        if self.flip_p == 1.0:
-            return True
-        return bool(torch.rand(()) < self.flip_p)
+        return _draw(self.flip_p)
 
-    def apply(self, image: Tensor, crop: Crop, flip: bool) -> tuple[Tensor, ViewGeometry]:
+    def sample_vflip(self) -> bool:
+        """Draw the vertical flip decision (``True`` with probability ``vflip_p``; no draw when it is 0 or 1).
+
+        Examples:
+            >>> ViewTransform(8).sample_vflip(), ViewTransform(8, vflip_p=1.0).sample_vflip()
+            (False, True)
+        """
+        return _draw(self.vflip_p)
+
+    def apply(self, image: Tensor, crop: Crop, flip: bool, *, vflip: bool = False) -> tuple[Tensor, ViewGeometry]:
         """Apply given spatial parameters, then the photometric part.
 
         Args:
             image: ``(C, H, W)`` tensor.
             crop: ``(top, left, height, width)``.
             flip: horizontal flip.
+            vflip: vertical flip.
 
         Returns:
             ``(view, geometry)``: the ``(C, h, w)`` view and its one-view geometry.
@@ -458,21 +488,23 @@ class ViewTransform(nn.Module):
                      [15., 14., 13., 12.]]]), tensor([[0., 2., 4., 4.]]), tensor([True]))
         """
         view = resized_crop_flip(
-            image, crop, flip, self.size, interpolation=self.interpolation, antialias=self.antialias
+            image, crop, flip, self.size, vflip=vflip, interpolation=self.interpolation, antialias=self.antialias
         )
         if self.photometric is not None:
             view = self.photometric(view)
-        return view, crop_geometry(crop, flip, (int(image.shape[-2]), int(image.shape[-1])))
+        return view, crop_geometry(crop, flip, (int(image.shape[-2]), int(image.shape[-1])), vflip=vflip)
 
     def forward(self, image: Any) -> tuple[Tensor, ViewGeometry]:
         """Make one view of ``image`` (PIL or ``(C, H, W)`` tensor) and its geometry."""
         x = to_image_tensor(image)
-        return self.apply(x, self.sample_crop(x), self.sample_flip())
+        crop = self.sample_crop(x)
+        flip = self.sample_flip()
+        return self.apply(x, crop, flip, vflip=self.sample_vflip())
 
     def extra_repr(self) -> str:
         return (
             f"size={self.size}, crop={self.crop}, scale={self.scale}, ratio={tuple(round(r, 4) for r in self.ratio)}, "
-            f"flip_p={self.flip_p}, antialias={self.antialias}"
+            f"flip_p={self.flip_p}, antialias={self.antialias}" + (f", vflip_p={self.vflip_p}" if self.vflip_p else "")
         )
 
 
@@ -618,7 +650,8 @@ class MultiViewTransform(nn.Module):
         views: list[Tensor] = []
         geometries: list[ViewGeometry] = []
         for t, crop in zip(self.view_transforms, crops):
-            view, geom = t.apply(x, crop, t.sample_flip())  # type: ignore[operator]
+            flip = t.sample_flip()  # type: ignore[operator]
+            view, geom = t.apply(x, crop, flip, vflip=t.sample_vflip())  # type: ignore[operator]
             views.append(view)
             geometries.append(geom)
         self.call_count += 1

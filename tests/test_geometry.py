@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from densecontrast.geometry import ViewGeometry, in_box_mask
+from densecontrast.matching import coordinate_match, correspondence_match, nearest_coordinate_match
 
 DTYPES = [torch.float32, torch.float64]
 MAX_SIDE = 1200  # image sides are drawn in [2, MAX_SIDE] pixels, independently (non-square images)
@@ -46,19 +48,24 @@ def _box(draw: st.DrawFn, w: int, h: int) -> list[float]:
 
 @st.composite
 def geometries(draw: st.DrawFn, dtype: torch.dtype | None = None) -> ViewGeometry:
-    """A batch of 1-5 views, each of its own image size, box (tiny, full, integer or random) and flip."""
+    """A batch of 1-5 views, each of its own image size, box (tiny, full, integer or random) and flips.
+
+    Each view draws its horizontal and its vertical flip independently: no flip, either one, or both.
+    """
     dtype = dtype if dtype is not None else draw(st.sampled_from(DTYPES))
     n = draw(st.integers(1, 5))
-    sizes, boxes, flips = [], [], []
+    sizes, boxes, flips, vflips = [], [], [], []
     for _ in range(n):
         w, h = draw(st.integers(2, MAX_SIDE)), draw(st.integers(2, MAX_SIDE))
         sizes.append([float(w), float(h)])
         boxes.append(draw(_box(w, h)))
         flips.append(draw(st.booleans()))
+        vflips.append(draw(st.booleans()))
     return ViewGeometry.from_crops(
         torch.tensor(boxes, dtype=torch.float64).to(dtype),
         torch.tensor(flips),
         torch.tensor(sizes, dtype=dtype),
+        vflips=torch.tensor(vflips),
     )
 
 
@@ -88,7 +95,7 @@ def geometry_pairs(draw: st.DrawFn, dtype: torch.dtype | None = None) -> tuple[V
     """Two batches of views of the same images, with overlapping, touching, disjoint and identical pairs."""
     dtype = dtype if dtype is not None else draw(st.sampled_from(DTYPES))
     n = draw(st.integers(1, 5))
-    sizes, boxes_a, boxes_b, flips_a, flips_b = [], [], [], [], []
+    sizes, boxes_a, boxes_b, flips_a, flips_b, vflips_a, vflips_b = [], [], [], [], [], [], []
     kinds = ["random", "disjoint", "touching", "same", "contained"]
     for _ in range(n):
         w, h = draw(st.integers(2, MAX_SIDE)), draw(st.integers(2, MAX_SIDE))
@@ -100,9 +107,15 @@ def geometry_pairs(draw: st.DrawFn, dtype: torch.dtype | None = None) -> tuple[V
         boxes_b.append([bx[0], by[0], bx[1], by[1]])
         flips_a.append(draw(st.booleans()))
         flips_b.append(draw(st.booleans()))
+        vflips_a.append(draw(st.booleans()))
+        vflips_b.append(draw(st.booleans()))
     size = torch.tensor(sizes, dtype=dtype)
-    ga = ViewGeometry.from_crops(torch.tensor(boxes_a, dtype=torch.float64).to(dtype), torch.tensor(flips_a), size)
-    gb = ViewGeometry.from_crops(torch.tensor(boxes_b, dtype=torch.float64).to(dtype), torch.tensor(flips_b), size)
+    ga = ViewGeometry.from_crops(
+        torch.tensor(boxes_a, dtype=torch.float64).to(dtype), torch.tensor(flips_a), size, vflips=torch.tensor(vflips_a)
+    )
+    gb = ViewGeometry.from_crops(
+        torch.tensor(boxes_b, dtype=torch.float64).to(dtype), torch.tensor(flips_b), size, vflips=torch.tensor(vflips_b)
+    )
     return ga, gb
 
 
@@ -115,11 +128,13 @@ def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
-def _rows(g: ViewGeometry) -> list[tuple[float, float, float, float, bool, float, float]]:
-    """Per view, in float64 Python numbers: x0, y0, x1, y1 (px), flip, W, H."""
+def _rows(g: ViewGeometry) -> list[tuple[float, float, float, float, bool, float, float, bool]]:
+    """Per view, in float64 Python numbers: x0, y0, x1, y1 (px), flip, W, H, vflip."""
     out = []
-    for box, flip, size in zip(g.boxes.double().tolist(), g.flips.tolist(), g.image_size.double().tolist()):
-        out.append((*box, bool(flip), *size))
+    for box, flip, size, vflip in zip(
+        g.boxes.double().tolist(), g.flips.tolist(), g.image_size.double().tolist(), g.vflips.tolist()
+    ):
+        out.append((*box, bool(flip), *size, bool(vflip)))
     return out
 
 
@@ -130,9 +145,10 @@ def _min_extent(g: ViewGeometry) -> float:
 
 
 def _naive_to_image(row: tuple, u: float, v: float) -> tuple[float, float]:
-    x0, y0, x1, y1, flip, w, h = row
+    x0, y0, x1, y1, flip, w, h, vflip = row
     uu = 1.0 - u if flip else u
-    return (x0 + uu * (x1 - x0)) / w, (y0 + v * (y1 - y0)) / h
+    vv = 1.0 - v if vflip else v
+    return (x0 + uu * (x1 - x0)) / w, (y0 + vv * (y1 - y0)) / h
 
 
 # ---------------------------------------------------------------------------------------------- affine maps
@@ -189,12 +205,13 @@ def test_grid_matches_double_loop_and_lies_strictly_inside_the_box(g: ViewGeomet
     assert grid.shape == (len(g), h * w, 2)
     assert grid.dtype == g.dtype
     tol = 8 * _eps(g.dtype)
-    for b, (x0, y0, x1, y1, flip, big_w, big_h) in enumerate(_rows(g)):
+    for b, (x0, y0, x1, y1, flip, big_w, big_h, vflip) in enumerate(_rows(g)):
         for i in range(h):
             for j in range(w):
                 jj = w - 1 - j if flip else j
+                ii = h - 1 - i if vflip else i
                 x_px = x0 + (jj + 0.5) * (x1 - x0) / w
-                y_px = y0 + (i + 0.5) * (y1 - y0) / h
+                y_px = y0 + (ii + 0.5) * (y1 - y0) / h
                 gx, gy = grid[b, i * w + j].double().tolist()
                 assert abs(gx - x_px / big_w) <= tol
                 assert abs(gy - y_px / big_h) <= tol
@@ -216,7 +233,13 @@ def test_view_grid_is_the_half_cell_lattice(g: ViewGeometry, hw: tuple[int, int]
 
 # ---------------------------------------------------------------------------------------------- flips
 def _flipped(g: ViewGeometry) -> ViewGeometry:
-    return ViewGeometry.from_crops(g.boxes, ~g.flips, g.image_size)
+    """The same views with the horizontal flip toggled (the vertical flip kept)."""
+    return ViewGeometry.from_crops(g.boxes, ~g.flips, g.image_size, vflips=g.vflips)
+
+
+def _vflipped(g: ViewGeometry) -> ViewGeometry:
+    """The same views with the vertical flip toggled (the horizontal flip kept)."""
+    return ViewGeometry.from_crops(g.boxes, g.flips, g.image_size, vflips=~g.vflips)
 
 
 @given(g=geometries(), seed=seeds, hw=grid_sizes)
@@ -240,6 +263,63 @@ def test_flip_mirrors_grid_columns(g: ViewGeometry, hw: tuple[int, int]) -> None
     grid = g.grid(h, w).reshape(len(g), h, w, 2)
     grid_f = _flipped(g).grid(h, w).reshape(len(g), h, w, 2)
     torch.testing.assert_close(grid_f, grid.flip(2), atol=8 * _eps(g.dtype), rtol=0)
+
+
+@given(g=geometries(), seed=seeds, hw=grid_sizes)
+def test_vertical_flip_is_an_involution_and_mirrors_view_space(g: ViewGeometry, seed: int, hw: tuple[int, int]) -> None:
+    f = _vflipped(g)
+    ff = _vflipped(f)
+    assert torch.equal(ff.affine, g.affine)
+    assert torch.equal(ff.inverse_affine, g.inverse_affine)
+    assert torch.equal(ff.grid(*hw), g.grid(*hw))
+    assert not torch.equal(f.vflips, g.vflips) and torch.equal(f.flips, g.flips)
+    assert ((f.affine[:, 1, 1] < 0) == f.vflips).all() and ((f.affine[:, 0, 0] < 0) == f.flips).all()
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.rand(len(g), 7, 2, generator=gen, dtype=torch.float64).to(g.dtype)
+    mirrored = torch.stack([q[..., 0], 1 - q[..., 1]], dim=-1)
+    torch.testing.assert_close(f.to_image(q), g.to_image(mirrored), atol=8 * _eps(g.dtype), rtol=0)
+
+
+@given(g=geometries(), hw=grid_sizes)
+def test_vertical_flip_mirrors_grid_rows_and_both_flips_rotate_it(g: ViewGeometry, hw: tuple[int, int]) -> None:
+    h, w = hw
+    tol = 8 * _eps(g.dtype)
+    grid = g.grid(h, w).reshape(len(g), h, w, 2)
+    grid_v = _vflipped(g).grid(h, w).reshape(len(g), h, w, 2)
+    torch.testing.assert_close(grid_v, grid.flip(1), atol=tol, rtol=0)
+    both = _flipped(_vflipped(g))
+    torch.testing.assert_close(both.grid(h, w).reshape(len(g), h, w, 2), grid.flip(1, 2), atol=tol, rtol=0)
+    # the two flips commute: toggling them in either order gives the same geometry
+    assert torch.equal(_vflipped(_flipped(g)).affine, both.affine)
+
+
+@given(g=geometries(), hw=grid_sizes)
+def test_cell_image_points_land_in_the_brute_force_cell(g: ViewGeometry, hw: tuple[int, int]) -> None:
+    """Each cell's image point is the center of the pixel rectangle that a brute-force scan assigns to that cell.
+
+    The scan makes the view the slow way: split the crop box into ``h x w`` rectangles in image order, then
+    reverse the column order for a horizontal flip and the row order for a vertical one (what the flips do to
+    the tensor). In units of each rectangle's own size (the Chebyshev distance ``d``), a point is inside a
+    rectangle iff ``d <= 1/2``: the cell's point must be at ``d ~ 0`` of its own rectangle and ``d >= 1`` of
+    every other one (rounding is far below a cell: the smallest cell is 0.05 / 9 px).
+    """
+    h, w = hw
+    grid = g.grid(h, w).double()
+    for b, (x0, y0, x1, y1, flip, big_w, big_h, vflip) in enumerate(_rows(g)):
+        cw, ch = (x1 - x0) / w, (y1 - y0) / h
+        centers = [[(x0 + (c + 0.5) * cw, y0 + (r + 0.5) * ch) for c in range(w)] for r in range(h)]  # image order
+        if flip:
+            centers = [row[::-1] for row in centers]
+        if vflip:
+            centers = centers[::-1]
+        for i in range(h):
+            for j in range(w):
+                px, py = grid[b, i * w + j, 0].item() * big_w, grid[b, i * w + j, 1].item() * big_h
+                for r in range(h):
+                    for c in range(w):
+                        d = max(abs(px - centers[r][c][0]) / cw, abs(py - centers[r][c][1]) / ch)
+                        assert d < 0.25 if (r, c) == (i, j) else d > 0.75, (b, i, j, r, c, d)
 
 
 # ---------------------------------------------------------------------------------------------- contains
@@ -285,7 +365,7 @@ def test_contains_matches_brute_force_including_borders(g: ViewGeometry, seed: i
     # away from the edges the answer agrees with a test in pixels, in float64
     rows = _rows(g)
     for b in range(len(g)):
-        x0, y0, x1, y1, _, big_w, big_h = rows[b]
+        x0, y0, x1, y1, _, big_w, big_h, _ = rows[b]
         for k in range(14, points.shape[1]):
             x, y = (points[b, k].double() * torch.tensor([big_w, big_h], dtype=torch.float64)).tolist()
             margin = min(abs(x - x0), abs(x - x1), abs(y - y0), abs(y - y1))
@@ -312,13 +392,15 @@ def test_to_cells_matches_naive_formula(g: ViewGeometry, seed: int, hw: tuple[in
     p = torch.rand(len(g), 5, 2, generator=gen, dtype=torch.float64).to(g.dtype)
     cells = g.to_cells(p, h, w).double()
     tol = 32 * _eps(g.dtype) * max(h, w) / _min_extent(g)
-    for b, (x0, y0, x1, y1, flip, big_w, big_h) in enumerate(_rows(g)):
+    for b, (x0, y0, x1, y1, flip, big_w, big_h, vflip) in enumerate(_rows(g)):
         for k in range(5):
             x_px, y_px = p[b, k, 0].item() * big_w, p[b, k, 1].item() * big_h
             u = (x_px - x0) / (x1 - x0) * w - 0.5
             if flip:
                 u = (w - 1) - u
             v = (y_px - y0) / (y1 - y0) * h - 0.5
+            if vflip:
+                v = (h - 1) - v
             assert abs(cells[b, k, 0].item() - u) <= tol * (1 + abs(u))
             assert abs(cells[b, k, 1].item() - v) <= tol * (1 + abs(v))
 
@@ -329,11 +411,12 @@ def test_cell_size_is_box_size_over_grid_size(g: ViewGeometry, hw: tuple[int, in
     cs = g.cell_size(h, w)
     assert cs.shape == (len(g), 2)
     assert (cs > 0).all()
-    for b, (x0, y0, x1, y1, _, big_w, big_h) in enumerate(_rows(g)):
+    for b, (x0, y0, x1, y1, _, big_w, big_h, _) in enumerate(_rows(g)):
         assert cs[b, 0].item() == pytest.approx((x1 - x0) / big_w / w, rel=16 * _eps(g.dtype) / _min_extent(g))
         assert cs[b, 1].item() == pytest.approx((y1 - y0) / big_h / h, rel=16 * _eps(g.dtype) / _min_extent(g))
     # flips do not change it
     assert torch.equal(_flipped(g).cell_size(h, w), cs)
+    assert torch.equal(_vflipped(g).cell_size(h, w), cs)
 
 
 # ---------------------------------------------------------------------------------------------- overlap
@@ -375,6 +458,7 @@ def test_overlap_matches_brute_force(pair: tuple[ViewGeometry, ViewGeometry]) ->
 def test_overlap_with_itself_is_its_own_box(g: ViewGeometry) -> None:
     box, area = g.overlap(_flipped(g))
     assert torch.equal(box, g.normalized_boxes)
+    assert torch.equal(g.overlap(_vflipped(_flipped(g)))[0], box)  # flips never change the box
     nb = g.normalized_boxes
     torch.testing.assert_close(area, (nb[:, 2] - nb[:, 0]) * (nb[:, 3] - nb[:, 1]))
 
@@ -394,12 +478,13 @@ def test_overlap_rejects_mismatched_batches() -> None:
 @given(g=geometries(), data=st.data())
 def test_indexing_slicing_cat_len_to(g: ViewGeometry, data: st.DataObject) -> None:
     n = len(g)
-    assert n == g.boxes.shape[0] == g.flips.shape[0] == g.image_size.shape[0]
+    assert n == g.boxes.shape[0] == g.flips.shape[0] == g.image_size.shape[0] == g.vflips.shape[0]
     i = data.draw(st.integers(-n, n - 1))
     one = g[i]
     assert len(one) == 1 and one.boxes.shape == (1, 4) and one.flips.shape == (1,) and one.image_size.shape == (1, 2)
     k = i % n
     assert torch.equal(one.boxes, g.boxes[k : k + 1]) and torch.equal(one.flips, g.flips[k : k + 1])
+    assert torch.equal(one.vflips, g.vflips[k : k + 1])
     assert torch.equal(one.grid(3, 2), g.grid(3, 2)[k : k + 1])
     with pytest.raises(IndexError):
         g[n]
@@ -412,14 +497,15 @@ def test_indexing_slicing_cat_len_to(g: ViewGeometry, data: st.DataObject) -> No
     assert len(part) == stop - start
     assert torch.equal(part.affine, g.affine[start:stop])
     mask = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
-    assert torch.equal(g[mask].boxes, g.boxes[mask])
+    assert torch.equal(g[mask].boxes, g.boxes[mask]) and torch.equal(g[mask].vflips, g.vflips[mask])
     order = data.draw(st.permutations(list(range(n))))
-    assert torch.equal(g[order].image_size, g.image_size[order])
+    assert torch.equal(g[order].image_size, g.image_size[order]) and torch.equal(g[order].vflips, g.vflips[order])
 
     pieces = [g[j] for j in range(n)]
     whole = ViewGeometry.cat(pieces)
     assert len(whole) == n
     assert torch.equal(whole.boxes, g.boxes) and torch.equal(whole.flips, g.flips)
+    assert torch.equal(whole.vflips, g.vflips)
     assert torch.equal(whole.image_size, g.image_size)
     assert len(ViewGeometry.cat([g, g])) == 2 * n
     with pytest.raises(ValueError, match="geometries"):
@@ -428,6 +514,7 @@ def test_indexing_slicing_cat_len_to(g: ViewGeometry, data: st.DataObject) -> No
     g64 = g.to(torch.float64)
     assert g64.dtype == g64.boxes.dtype == g64.image_size.dtype == torch.float64
     assert g64.flips.dtype == torch.bool and torch.equal(g64.flips, g.flips)
+    assert g64.vflips.dtype == torch.bool and torch.equal(g64.vflips, g.vflips)
     assert g64.affine.dtype == torch.float64
     torch.testing.assert_close(g64.grid(2, 3).to(g.dtype), g.grid(2, 3), atol=8 * _eps(g.dtype), rtol=0)
     assert g.to("cpu").device == torch.device("cpu")
@@ -488,6 +575,48 @@ def test_from_crops_accepts_boxes_within_tolerance_and_defaults() -> None:
     assert len(ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 20.5, 8.0]]), None, size[0], tolerance=1.0)) == 1
 
 
+@pytest.mark.parametrize("keyword", ["flips", "vflips"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        0.7,  # issue 11: from_crops(flips=0.7) silently became True
+        torch.tensor([0.7, 0.2]),
+        [0.7, 0.2],
+        torch.tensor([1, 0]),  # ints are refused too, even 0 and 1
+        [1, 0],
+        torch.tensor([1, 0], dtype=torch.uint8),
+        ["yes", "no"],
+    ],
+)
+def test_from_crops_rejects_flips_that_are_not_bools(keyword: str, value: object) -> None:
+    boxes, _, size = _valid()
+    message = rf"^{keyword} must hold bools \(a torch.bool tensor or Python bools\), but got"
+    with pytest.raises(ValueError, match=message):
+        ViewGeometry.from_crops(boxes, image_size=size, **{keyword: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("keyword", ["flips", "vflips"])
+def test_from_crops_accepts_bool_flips_in_any_container(keyword: str) -> None:
+    boxes, _, size = _valid()
+    ref = ViewGeometry.from_crops(boxes, image_size=size, **{keyword: torch.tensor([True, False])})
+    for value in ([True, False], (True, False), np.array([True, False]), [np.True_, np.False_]):
+        g = ViewGeometry.from_crops(boxes, image_size=size, **{keyword: value})
+        assert getattr(g, keyword).dtype == torch.bool and torch.equal(getattr(g, keyword), getattr(ref, keyword))
+        assert torch.equal(g.affine, ref.affine)
+    with pytest.raises(ValueError, match=rf"^{keyword} must have the shape \(B,\) = \(2,\) of boxes, but got \(3,\)$"):
+        ViewGeometry.from_crops(boxes, image_size=size, **{keyword: [True, False, True]})
+    with pytest.raises(ValueError, match=rf"^{keyword} must have the shape"):
+        ViewGeometry.from_crops(boxes, image_size=size, **{keyword: True})  # one bool for B = 2 views
+
+
+def test_a_geometry_built_without_vflips_has_none() -> None:
+    boxes, flips, size = _valid()
+    g = ViewGeometry(boxes, flips, size)  # the unvalidated dataclass, as transforms.crop_geometry builds it
+    assert g.vflips.dtype == torch.bool and g.vflips.shape == (2,) and not g.vflips.any()
+    assert torch.equal(g.affine, ViewGeometry.from_crops(boxes, flips, size).affine)
+    assert not ViewGeometry.from_crops(boxes, flips, size).vflips.any()
+
+
 @pytest.mark.parametrize("method", ["to_image", "to_view", "contains", "to_cells"])
 @pytest.mark.parametrize("shape", [(2, 5, 3), (3, 5, 2), (5, 2), (2, 5, 2, 1)])
 def test_point_maps_reject_bad_shapes(method: str, shape: tuple[int, ...]) -> None:
@@ -498,16 +627,20 @@ def test_point_maps_reject_bad_shapes(method: str, shape: tuple[int, ...]) -> No
         fn(torch.zeros(shape), *args)
 
 
-@pytest.mark.parametrize("hw", [(0, 3), (3, 0), (-1, 2)])
-def test_grid_sizes_must_be_positive(hw: tuple[int, int]) -> None:
+@pytest.mark.parametrize("hw", [(0, 3), (3, 0), (-1, 2), (1.5, 7), (7, 2.5), (7.0, 7), (7, True), (None, 3)])
+def test_grid_sizes_must_be_positive_ints(hw: tuple[object, object]) -> None:
+    # issue 11: grid(1.5, 7) returned 14 cells; a non-integer size is now an error naming the argument
     g = ViewGeometry.from_crops(*_valid())
+    name = "h" if not (isinstance(hw[0], int) and not isinstance(hw[0], bool) and hw[0] > 0) else "w"
     for call in (
         lambda: g.grid(*hw),
         lambda: g.cell_size(*hw),
         lambda: g.to_cells(torch.zeros(2, 1, 2), *hw),
         lambda: ViewGeometry.view_grid(*hw),
+        lambda: in_box_mask(g, g, *hw),
+        lambda: in_box_mask(g, g, *hw, rule="pixcon"),
     ):
-        with pytest.raises(ValueError, match="h and w"):
+        with pytest.raises(ValueError, match=rf"^{name} must be an int >= 1 \(feature-map \w+ in cells\), but got "):
             call()
 
 
@@ -526,13 +659,14 @@ def test_in_box_center_rule_matches_brute_force(pair: tuple[ViewGeometry, ViewGe
     assert mask.shape == (len(query), h * w) and mask.dtype == torch.bool
     checked = 0
     for b, (rq, rk) in enumerate(zip(_rows(query), _rows(key))):
-        qx0, qy0, qx1, qy1, flip, _, _ = rq
+        qx0, qy0, qx1, qy1, flip, _, _, vflip = rq
         kx0, ky0, kx1, ky1 = rk[:4]
         for i in range(h):
             for j in range(w):
                 jj = w - 1 - j if flip else j
+                ii = h - 1 - i if vflip else i
                 x = qx0 + (jj + 0.5) * (qx1 - qx0) / w  # cell center, pixels
-                y = qy0 + (i + 0.5) * (qy1 - qy0) / h
+                y = qy0 + (ii + 0.5) * (qy1 - qy0) / h
                 # a center within rounding of the key's edge may land either way: skip those ties
                 slack = 64 * _eps(query.dtype) * max(rq[5], rq[6])
                 if min(abs(x - kx0), abs(x - kx1), abs(y - ky0), abs(y - ky1)) <= slack:
@@ -549,7 +683,7 @@ def _pixcon_naive(rq: tuple, rk: tuple, h: int, w: int, tol: float) -> tuple[lis
     integer (floating point may round it either way).
     """
     qx0, qy0, qx1, qy1 = map(Fraction, rq[:4])
-    flip = rq[4]
+    flip, vflip = rq[4], rq[7]
     kx0, ky0, kx1, ky1 = map(Fraction, rk[:4])
     ix0, iy0, ix1, iy1 = max(qx0, kx0), max(qy0, ky0), min(qx1, kx1), min(qy1, ky1)
     mask = [[False] * w for _ in range(h)]
@@ -559,6 +693,8 @@ def _pixcon_naive(rq: tuple, rk: tuple, h: int, w: int, tol: float) -> tuple[lis
     clip = [(ix0 - qx0) / (qx1 - qx0), (iy0 - qy0) / (qy1 - qy0), (ix1 - qx0) / (qx1 - qx0), (iy1 - qy0) / (qy1 - qy0)]
     if flip:  # the flip mirrors the box: x1' = 1 - x2, x2' = 1 - x1
         clip[0], clip[2] = 1 - clip[2], 1 - clip[0]
+    if vflip:  # a vertical flip mirrors it in y: y1' = 1 - y2, y2' = 1 - y1
+        clip[1], clip[3] = 1 - clip[3], 1 - clip[1]
     scaled = [w * clip[0], h * clip[1], w * clip[2], h * clip[3]]
     a = [math.floor(s) for s in scaled]
     for i in range(a[1], a[3]):
@@ -629,3 +765,42 @@ def test_in_box_masks_are_empty_without_overlap(pair: tuple[ViewGeometry, ViewGe
         mask = in_box_mask(query, key, *hw, rule=rule)  # type: ignore[arg-type]
         assert not mask[area == 0].any()
         assert (mask.any(dim=1) <= (area > 0)).all()
+
+
+# ---------------------------------------------------------------------------------------------- flips in the matchers
+@given(pair=geometry_pairs(), qs=grid_sizes, ks=grid_sizes)
+@settings(max_examples=30)
+def test_coordinate_matching_stays_symmetric_with_vertical_and_both_flips(
+    pair: tuple[ViewGeometry, ViewGeometry], qs: tuple[int, int], ks: tuple[int, int]
+) -> None:
+    # geometry_pairs draws both flips per view, so pairs with vertical and with both flips are covered
+    query, key = pair
+    d12 = coordinate_match(query, key, qs, ks).to_dense(ks[0] * ks[1])
+    d21 = coordinate_match(key, query, ks, qs).to_dense(qs[0] * qs[1])
+    assert torch.equal(d12, d21.transpose(1, 2))
+    # each query cell's correspondence is its own image point, in the key view's (flipped) cells
+    m = correspondence_match(query, key, qs, ks)
+    torch.testing.assert_close(m.key_points, key.to_cells(query.grid(*qs), *ks), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("hflip", "vflip"), [(False, True), (True, True)])
+@pytest.mark.parametrize("hw", [(1, 1), (3, 5), (7, 7), (4, 2)])
+def test_correspondence_of_a_pure_flip_is_the_mirrored_cell(hflip: bool, vflip: bool, hw: tuple[int, int]) -> None:
+    h, w = hw
+    size = torch.tensor([120.0, 90.0])
+    box = torch.tensor([[10.0, 5.0, 110.0, 80.0]])
+    q = ViewGeometry.from_crops(box, None, size)
+    k = ViewGeometry.from_crops(box, torch.tensor([hflip]), size, vflips=torch.tensor([vflip]))
+    i, j = torch.arange(h * w) // w, torch.arange(h * w) % w
+    ii, jj = (h - 1 - i if vflip else i), (w - 1 - j if hflip else j)
+    m = correspondence_match(q, k, (h, w), (h, w))
+    torch.testing.assert_close(m.key_points[0], torch.stack([jj, ii], -1).float(), atol=1e-4, rtol=0)
+    assert bool(m.valid.all())
+    fmap = torch.randn(1, 2, h, w)
+    flipped = fmap.flip(-2) if vflip else fmap
+    flipped = flipped.flip(-1) if hflip else flipped
+    torch.testing.assert_close(m.gather(flipped), fmap.flatten(2).transpose(1, 2), atol=1e-4, rtol=1e-4)
+    nearest = nearest_coordinate_match(q, k, (h, w), (h, w))
+    assert torch.equal(nearest.key_index[0], ii * w + jj)
+    # in-box masks see the same views: everything is inside, under both rules
+    assert in_box_mask(q, k, h, w).all() and in_box_mask(k, q, h, w, rule="pixcon").all()

@@ -87,10 +87,13 @@ def test_report_with_pictures_and_export(tmp_path: Path) -> None:
 
     out = tmp_path / "pixcon"
     proc = _run("pixcon", out, "--max-steps", "2", "--variant", "sr")
-    report = json.loads((out / "report.json").read_text())
-    for key in ("trained_crop_within_one", "random_init_crop_within_one", "trained_flip_exact"):
-        assert 0.0 <= report[key] <= 1.0
-    assert "correspondence accuracy" in proc.stdout
+    corr = json.loads((out / "report.json").read_text())["correspondence"]
+    for model in ("trained", "random_init"):
+        for metric in ("crop_within_one", "flip_exact"):
+            assert 0.0 <= corr[model][metric]["mean"] <= 1.0 and len(corr[model][metric]["values"]) == 3
+    assert corr["images"].startswith("17 real photographs")
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("correspondence accuracy on 17 real photographs") and "vs random init" in last
     for name in ("loss.png", "matches.png"):
         assert (out / name).stat().st_size > 1000
     state = _load(out / "backbone.pth")

@@ -8,7 +8,7 @@ installed), ``loss.png``, ``matches.png``, ``backbone.pth`` and ``report.json``.
     python examples/densesiam/train.py --sampling hard                # PointRend-style hard points
     torchrun --nproc_per_node=8 examples/densesiam/train.py --preset paper --data /data/imagenet/train
 
-Method (spec: DenseSiam, Zhang et al.; the pre-training code is not released): SimSiam style, one
+Method (DenseSiam, Zhang et al.; the pre-training code is not released): SimSiam style, one
 network and NO momentum encoder; stop-gradient on the projections instead. Backbone + global
 projector / predictor + dense projector / predictor + region heads. Two MoCo-v2-like views
 (random resized crop, scale (0.2, 1), flip, colour).
@@ -28,7 +28,7 @@ projector / predictor + dense projector / predictor + region heads. Two MoCo-v2-
 Total: ``L_image + dense_weight * L_pix + region_weight(t) * L_region`` (the relative weights of the
 pre-training objective are not published; 1 / 1 / 0.1 here).
 
-Warning (spec §8.8 item 8): never pair this loss with a feature-similarity (argmax) matcher. Without
+Warning: never pair this loss with a feature-similarity (argmax) matcher. Without
 negatives the pair "most similar cells" is trivially satisfied and the features collapse (DenseSiam
 supplementary Table A1); the positives must come from the geometry, as here.
 
@@ -43,28 +43,44 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densecontrast.engine import build_backbone, convert_sync_batchnorm
-from densecontrast.engine.report import final_report
-from densecontrast.engine.trainer import (
-    StepOutput,
-    Trainer,
+from densecontrast.backbones import build_backbone, convert_sync_batchnorm
+from densecontrast.data.sampling import step_batches
+from densecontrast.engine import (
+    AMP_DTYPES,
+    CHECKPOINT_NAME,
+    DistInfo,
+    PreemptionHandler,
+    RunError,
+    RunLog,
     add_common_args,
     build_pretraining_loader,
+    checkpointable_args,
+    cleanup,
+    export_backbone,
+    load_training_state,
     parse_with_presets,
+    resolve_resume,
+    save_training_state,
+    schedule_length,
+    skipped_images,
     start_run,
+    wrap_ddp,
 )
+from densecontrast.eval.report import final_report, report_line
 from densecontrast.heads import densesiam_heads
 from densecontrast.losses.dense_simsiam import DenseSimSiamLoss, RegionSimLoss, region_embeddings
 from densecontrast.losses.global_losses import NegativeCosine
-from densecontrast.matching import location_match, sample_points
+from densecontrast.matching import Matches, location_match, sample_points
+from densecontrast.optim import WarmupCosineScheduler, build_optimizer, scale_lr
 from densecontrast.transforms import mocov2_views
 
-PAPER = dict(  # spec §5 / §9 (SimSiam recipe, [R]): ResNet-50, 8 x 32 = 256 images, 200 ImageNet epochs
+PAPER = dict(  # DenseSiam paper (SimSiam recipe, reconstructed): ResNet-50, 8 x 32 = 256 images, 200 ImageNet epochs
     arch="resnet50", crop_size=224, batch_size=32, epochs=200, optimizer="sgd", lr=0.05, lr_scaling="linear",
     weight_decay=1e-4, warmup_epochs=0, proj_hidden=2048, proj_dim=2048, pred_hidden=512, region_dim=256,
     sync_bn=True, workers=8, save_every=2000,
@@ -75,7 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="DenseSiam pre-training", add_help=True)
     add_common_args(parser, lr=0.05, epochs=4, batch_size=32)
     g = parser.add_argument_group("densesiam")
-    g.add_argument("--preset", choices=["demo", "paper"], default="demo", help="paper: hyperparameters of spec §9")
+    g.add_argument("--preset", choices=["demo", "paper"], default="demo",
+                   help="paper: the hyperparameters of the DenseSiam paper (SimSiam recipe)")
     g.add_argument("--sampling", choices=["grid", "random", "hard"], default="grid", help="PixSim point sampling")
     g.add_argument("--num-points", type=int, default=49, help="PixSim points per image (a square for grid)")
     g.add_argument("--oversample", type=float, default=3.0, help="hard sampling: candidates per point (k)")
@@ -95,18 +112,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 class DenseSiamOnline(nn.Module):
-    """The only network: ``encoder`` (backbone + projectors + region heads) and the predictors.
-
-    There is no momentum target; the split into ``encoder`` / predictors mirrors the other scripts.
-    """
+    """The only network (no momentum target): backbone, projectors, region heads and predictors."""
 
     def __init__(self, arch: str, hidden: int, dim: int, pred_hidden: int, num_regions: int, region_dim: int) -> None:
         super().__init__()
-        backbone, channels = build_backbone(arch)
+        self.backbone, channels = build_backbone(arch)
         heads = densesiam_heads(in_dim=channels, hidden_dim=hidden, out_dim=dim, pred_hidden_dim=pred_hidden,
                                 num_regions=num_regions, region_dim=region_dim)
-        self.encoder = nn.ModuleDict({"backbone": backbone, **{k: heads[k] for k in (
-            "projector", "dense_projector", "region_logits", "region_projector")}})
+        self.projector = heads["projector"]
+        self.dense_projector = heads["dense_projector"]
+        self.region_logits = heads["region_logits"]
+        self.region_projector = heads["region_projector"]
         self.predictor = heads["predictor"]
         self.dense_predictor = heads["dense_predictor"]
         self.region_predictor = heads["region_predictor"]
@@ -114,14 +130,13 @@ class DenseSiamOnline(nn.Module):
     def forward(self, views: list[Tensor]) -> list[dict[str, Tensor]]:
         outs = []
         for v in views:
-            enc = self.encoder
-            feats = enc["backbone"](v)
-            z = enc["projector"](feats.mean(dim=(2, 3)))
-            dense_z = enc["dense_projector"](feats)
-            logits = enc["region_logits"](feats)
+            feats = self.backbone(v)
+            z = self.projector(feats.mean(dim=(2, 3)))
+            dense_z = self.dense_projector(feats)
+            logits = self.region_logits(feats)
             regions = region_embeddings(logits, feats)  # (B, K, C), float32
             b, k, c = regions.shape
-            region_z = enc["region_projector"](regions.reshape(b * k, c))
+            region_z = self.region_projector(regions.reshape(b * k, c))
             region_p = self.region_predictor(region_z)
             outs.append({
                 "feats": feats, "z": z, "p": self.predictor(z), "dense_z": dense_z,
@@ -129,6 +144,18 @@ class DenseSiamOnline(nn.Module):
                 "region_z": region_z.reshape(b, k, -1), "region_p": region_p.reshape(b, k, -1),
             })
         return outs
+
+
+def match(args: argparse.Namespace, info: DistInfo, g1, g2, shape1: tuple[int, int], shape2: tuple[int, int],
+          step: int, emb1: Tensor | None = None, emb2: Tensor | None = None) -> Matches:
+    """PixSim's points: ``--num-points`` image points in the overlap of views 1 and 2, in both cell grids."""
+    gen = None
+    if args.sampling != "grid":  # a pure function of (seed, rank, step): identical after a resume
+        gen = torch.Generator(device=info.device)
+        gen.manual_seed((args.seed * 1_000_003 + info.rank) * 1_000_003 + step)
+    return location_match(g1, g2, args.num_points, args.sampling, shape1, shape2, oversample=args.oversample,
+                          hard_fraction=args.hard_fraction, query_embeddings=emb1, key_embeddings=emb2,
+                          generator=gen)
 
 
 @torch.no_grad()
@@ -149,68 +176,123 @@ def mask_statistics(logits: Tensor) -> tuple[float, float]:
 
 
 def main(args: argparse.Namespace) -> None:
-    dist_info = start_run(args, "densesiam")
+    info = start_run(args, "densesiam")
+    device, output_dir = info.device, Path(args.output_dir)
 
-    transform = mocov2_views(args.crop_size)  # RRC scale (0.2, 1), flip, MoCo v2 colour
-    loader, dataset, sampler = build_pretraining_loader(args, transform, dist_info)
+    # ---- data: MoCo v2 views, random resized crop scale (0.2, 1), flip, MoCo v2 colour
+    transform = mocov2_views(args.crop_size)
+    loader = build_pretraining_loader(args, transform, info)
+    total_steps = schedule_length(args, loader)
+    global_batch = args.batch_size * info.world_size
 
+    # ---- model: one network; no momentum target, no queue (stop-gradient on the projections instead)
     online = DenseSiamOnline(args.arch, args.proj_hidden, args.proj_dim, args.pred_hidden, args.num_regions,
                              args.region_dim)
     if args.sync_bn:
         online = convert_sync_batchnorm(online)
-    trainer = Trainer(args, online, {}, dist_info, loader, dataset, sampler)  # no momentum target, no queue
-    trainer.maybe_resume()
-    region_from = math.ceil(args.region_start * trainer.total_steps)
+    online.to(device)
+    model = wrap_ddp(online, info)
+
+    # ---- optimiser, LR schedule, AMP
+    lr = scale_lr(args.lr, global_batch) if args.lr_scaling == "linear" else args.lr
+    optimizer = build_optimizer(online, args.optimizer, lr, args.weight_decay)
+    warmup = min(int(args.warmup_epochs * loader.sampler.batches_per_epoch), total_steps - 1)
+    scheduler = WarmupCosineScheduler(optimizer, total_steps, warmup_steps=max(warmup, 0), warmup_start_ratio=1e-4)
+    amp_dtype = AMP_DTYPES[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    # ---- resume
+    state = {"model": online, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    step = 0
+    resume = resolve_resume(args.resume, output_dir)
+    if resume is not None:
+        step = load_training_state(resume, state, map_location=device, args=args)
+    stop_at = total_steps if args.stop_after is None else min(total_steps, step + args.stop_after)
+    log = RunLog(output_dir, total_steps, start_step=step, stop_step=stop_at, print_freq=args.print_freq,
+                 enabled=info.is_main)
+    if resume is not None:
+        log.print(f"resumed from {resume} at step {step}")
+    log.print(f"training {total_steps} steps ({loader.sampler.batches_per_epoch} per epoch), per-process batch "
+              f"{args.batch_size}, global batch {global_batch}, world size {info.world_size}, device {device}, "
+              f"amp {args.amp}")
 
     image_loss = NegativeCosine()
     pix_loss = DenseSimSiamLoss()
     region_loss = RegionSimLoss(temperature=args.region_temperature)
+    region_from = math.ceil(args.region_start * total_steps)  # RegionSim is switched on from this step
 
-    def match(g1, g2, shape1, shape2, step: int, emb1: Tensor | None = None, emb2: Tensor | None = None):
-        gen = None
-        if args.sampling != "grid":  # a pure function of (seed, rank, step): identical after a resume
-            gen = torch.Generator(device=trainer.device)
-            gen.manual_seed((args.seed * 1_000_003 + dist_info.rank) * 1_000_003 + step)
-        return location_match(g1, g2, args.num_points, args.sampling, shape1, shape2, oversample=args.oversample,
-                              hard_fraction=args.hard_fraction, query_embeddings=emb1, key_embeddings=emb2,
-                              generator=gen)
+    # ---- training loop
+    online.train()
+    with PreemptionHandler() as preempt:
+        for epoch, (views, geoms) in step_batches(loader, step, stop_at):
+            views = [v.to(device, non_blocking=True) for v in views]
+            g1, g2 = (g.to(device) for g in geoms)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                o1, o2 = model(views)
+                hard = args.sampling == "hard"  # hard points are chosen on the (detached) dense projections
+                m = match(args, info, g1, g2, tuple(o1["dense_z"].shape[-2:]), tuple(o2["dense_z"].shape[-2:]), step,
+                          o1["dense_z"].detach() if hard else None, o2["dense_z"].detach() if hard else None)
+                p1, z1 = sample_points(o1["dense_p"], m.query_points), sample_points(o1["dense_z"], m.query_points)
+                p2, z2 = sample_points(o2["dense_p"], m.key_points), sample_points(o2["dense_z"], m.key_points)
+                l_pix = pix_loss(p1, z2, p2, z1, m.valid)  # stop-gradient on z inside
+                l_image = 0.5 * (image_loss(o1["p"], o2["z"]) + image_loss(o2["p"], o1["z"]))
+                l_region = region_loss(o1["region_p"], o2["region_z"], o2["region_p"], o1["region_z"])
+                w_region = args.region_weight if step >= region_from else 0.0  # weight 0 keeps DDP's graph complete
+                loss = l_image + args.dense_weight * l_pix + w_region * l_region
+                entropy, used = mask_statistics(o1["region_logits"])
+                metrics = {
+                    "loss_image": float(l_image.detach()),
+                    "loss_pix": float(l_pix.detach()),
+                    "loss_region": float(l_region.detach()),
+                    "region_weight": w_region,
+                    "valid_fraction": float(m.valid[:, 0].float().mean()),
+                    "mask_entropy": entropy,
+                    "regions_used": used,
+                    "proj_std": spread(o1["z"]),
+                    "dense_std": spread(z1[m.valid]),
+                }
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
 
-    def step_fn(batch, step: int) -> StepOutput:
-        views, geoms = batch
-        views = [v.to(trainer.device, non_blocking=True) for v in views]
-        g1, g2 = (g.to(trainer.device) for g in geoms)
-        o1, o2 = trainer.ddp(views)
-        hard = args.sampling == "hard"
-        m = match(g1, g2, tuple(o1["dense_z"].shape[-2:]), tuple(o2["dense_z"].shape[-2:]), step,
-                  o1["dense_z"].detach() if hard else None, o2["dense_z"].detach() if hard else None)
-        p1, z1 = sample_points(o1["dense_p"], m.query_points), sample_points(o1["dense_z"], m.query_points)
-        p2, z2 = sample_points(o2["dense_p"], m.key_points), sample_points(o2["dense_z"], m.key_points)
-        l_pix = pix_loss(p1, z2, p2, z1, m.valid)  # stop-gradient on z inside
-        l_image = 0.5 * (image_loss(o1["p"], o2["z"]) + image_loss(o2["p"], o1["z"]))
-        l_region = region_loss(o1["region_p"], o2["region_z"], o2["region_p"], o1["region_z"])
-        w_region = args.region_weight if step >= region_from else 0.0
-        total = l_image + args.dense_weight * l_pix + w_region * l_region
-        entropy, used = mask_statistics(o1["region_logits"])
-        metrics = {
-            "loss_image": float(l_image.detach()),
-            "loss_pix": float(l_pix.detach()),
-            "loss_region": float(l_region.detach()),
-            "region_weight": w_region,
-            "valid_fraction": float(m.valid[:, 0].float().mean()),
-            "mask_entropy": entropy,
-            "regions_used": used,
-            "proj_std": spread(o1["z"]),
-            "dense_std": spread(z1[m.valid]),
-        }
-        return StepOutput(total, metrics)
+            skipped = skipped_images(loader)
+            log.step(step, {"loss": loss, "lr": optimizer.param_groups[0]["lr"], **metrics,
+                            **({} if skipped is None else {"skipped_images": skipped})},
+                     epoch=epoch, images=global_batch)
+            if args.save_every and step % args.save_every == 0:
+                save_training_state(output_dir / CHECKPOINT_NAME, state, step=step, args=checkpointable_args(args),
+                                    rank_copy=args.save_rank_states)
+            if preempt.synchronize(device):
+                log.print(f"preemption signal received: saving at step {step} and exiting")
+                break
+    save_training_state(output_dir / CHECKPOINT_NAME, state, step=step, args=checkpointable_args(args),
+                        rank_copy=args.save_rank_states)
 
-    trainer.fit(step_fn)
-    trainer.export(online.encoder["backbone"])  # backbone.pth, for fine-tuning
-    if not trainer.stopped_by_signal and not args.no_eval:
-        final_report(trainer, online.encoder["backbone"], transform, lambda a, b, ga, gb: location_match(
-            ga, gb, math.isqrt(args.num_points) ** 2, "grid", tuple(a.shape[-2:]), tuple(b.shape[-2:])))
-    trainer.close()
+    # ---- export and report, once the schedule is complete
+    backbone = online.backbone
+    if step >= total_steps:
+        export_backbone(backbone, output_dir / "backbone.pth", arch=args.arch, verify=args.arch != "tiny")
+        if info.is_main and not args.no_eval:
+            # the match picture shows the regular PixSim grid (the largest square number <= --num-points)
+            report = final_report(
+                backbone, output_dir=output_dir, steps=step, final_loss=log.last.get("loss", float("nan")),
+                transform=transform, device=device,
+                match_fn=lambda a, b, ga, gb: location_match(
+                    ga, gb, math.isqrt(args.num_points) ** 2, "grid", tuple(a.shape[-2:]), tuple(b.shape[-2:])),
+            )
+            log.print(report_line(report))
+    log.close()
+    cleanup()
 
 
 if __name__ == "__main__":
-    main(parse_with_presets(get_args_parser(), {"paper": PAPER}))
+    parser = get_args_parser()
+    try:
+        main(parse_with_presets(parser, {"paper": PAPER}))
+    except RunError as err:  # a mistake in the arguments or the data: one line, exit status 2
+        parser.exit(2, f"{parser.prog}: error: {err}\n")

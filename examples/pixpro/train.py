@@ -9,7 +9,7 @@ installed), ``loss.png``, ``matches.png``, ``backbone.pth`` and ``report.json``.
     python examples/pixpro/train.py --instance-weight 1.0             # + the instance branch
     torchrun --nproc_per_node=8 examples/pixpro/train.py --preset paper --data /data/imagenet/train
 
-Method (spec: PixPro): online backbone + dense projector (Conv-BN-ReLU-Conv) + pixel propagation
+Method (PixPro, Xie et al.): online backbone + dense projector (Conv-BN-ReLU-Conv) + pixel propagation
 module (PPM: ``y_i = sum_j max(cos(x_i, x_j), 0)^gamma g(x_j)``, gamma = 2, ``g`` one 1x1 conv);
 momentum target (backbone + dense projector [+ instance projector]) with momentum ascending
 0.99 -> 1 (cosine), updated at the start of each step before the keys are computed. Positives:
@@ -32,31 +32,45 @@ The paper preset uses LARS with base lr 1.0 per 256 images (``--lr-scaling linea
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from densecontrast.ema import MomentumEncoder
-from densecontrast.engine import build_backbone, convert_sync_batchnorm
-from densecontrast.engine.report import final_report
-from densecontrast.engine.trainer import (
-    StepOutput,
-    Trainer,
+from densecontrast.backbones import build_backbone, convert_sync_batchnorm
+from densecontrast.data.sampling import step_batches
+from densecontrast.ema import EMA
+from densecontrast.engine import (
+    AMP_DTYPES,
+    CHECKPOINT_NAME,
+    PreemptionHandler,
+    RunError,
+    RunLog,
     add_common_args,
     build_pretraining_loader,
+    checkpointable_args,
+    cleanup,
+    export_backbone,
+    load_training_state,
     parse_with_presets,
+    resolve_resume,
+    save_training_state,
     schedule_length,
+    skipped_images,
     start_run,
+    wrap_ddp,
 )
+from densecontrast.eval.report import final_report, report_line
 from densecontrast.heads import pixpro_heads
 from densecontrast.losses.global_losses import negative_cosine
 from densecontrast.losses.pixcontrast import PixContrastLoss
 from densecontrast.losses.pixpro import PixProConsistencyLoss
 from densecontrast.matching import coordinate_match
+from densecontrast.optim import WarmupCosineScheduler, build_optimizer, scale_lr
 from densecontrast.schedules import CosineMomentum
 from densecontrast.transforms import byol_views
 
-PAPER = dict(  # spec §3.6 / §9: ResNet-50, 8 x 128 images, 400 ImageNet epochs, LARS base lr 1.0 x B/256
+PAPER = dict(  # PixPro paper: ResNet-50, 8 x 128 images, 400 ImageNet epochs, LARS base lr 1.0 x B/256
     arch="resnet50", crop_size=224, batch_size=128, epochs=400, optimizer="lars", lr=1.0, lr_scaling="linear",
     weight_decay=1e-5, warmup_epochs=5.0, momentum_base=0.99, amp="fp16", proj_hidden=4096, proj_dim=256,
     gamma=2.0, transform_layers=1, threshold=0.7, sync_bn=True, workers=8, save_every=2000,
@@ -69,7 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("pixpro")
     g.add_argument("--loss", choices=["pixpro", "pixcontrast"], default="pixpro",
                    help="pixpro: PPM consistency loss; pixcontrast: multi-positive InfoNCE")
-    g.add_argument("--preset", choices=["demo", "paper"], default="demo", help="paper: hyperparameters of spec §9")
+    g.add_argument("--preset", choices=["demo", "paper"], default="demo",
+                   help="paper: the hyperparameters of the PixPro paper")
     g.add_argument("--threshold", type=float, default=0.7, help="positive radius in bin diagonals (T)")
     g.add_argument("--gamma", type=float, default=2.0, help="PPM sharpness exponent")
     g.add_argument("--transform-layers", type=int, choices=[0, 1, 2], default=1, help="depth of the PPM transform g")
@@ -119,68 +134,130 @@ def encode(encoder: nn.ModuleDict, view: Tensor) -> dict[str, Tensor]:
     return out
 
 
-
 def main(args: argparse.Namespace) -> None:
-    dist_info = start_run(args, "pixpro")
-    if args.loss == "pixpro":
-        print("note: the PixPro loss lies in [-4, 4] (two directions of -2 x mean cosine); negative values are "
-              "normal, it usually settles around -2 to -3")
+    info = start_run(args, "pixpro")
+    device, output_dir = info.device, Path(args.output_dir)
 
-    transform = byol_views(args.crop_size)  # PixPro: BYOL views, scale (0.08, 1), no overlap constraint
-    loader, dataset, sampler = build_pretraining_loader(args, transform, dist_info)
+    # ---- data: BYOL views, scale (0.08, 1), no overlap constraint
+    transform = byol_views(args.crop_size)
+    loader = build_pretraining_loader(args, transform, info)
+    total_steps = schedule_length(args, loader)
+    global_batch = args.batch_size * info.world_size
 
+    # ---- model: online network, momentum target (backbone + projectors); no queue
     instance = args.instance_weight > 0
     online = PixProOnline(args, use_ppm=args.loss == "pixpro", instance=instance)
     if args.sync_bn:
         online = convert_sync_batchnorm(online)
-    ascending = CosineMomentum(schedule_length(args, sampler), base=args.momentum_base)  # up to 1 at the end
-    target = MomentumEncoder(online.encoder, ascending, buffers="none")
-    trainer = Trainer(args, online, {"target": target}, dist_info, loader, dataset, sampler)
-    trainer.maybe_resume()
+    online.to(device)
+    target = EMA(online.encoder, CosineMomentum(total_steps, base=args.momentum_base), buffers="none").to(device)
+    model = wrap_ddp(online, info, target)
+
+    # ---- optimiser, LR schedule, AMP
+    lr = scale_lr(args.lr, global_batch) if args.lr_scaling == "linear" else args.lr
+    optimizer = build_optimizer(online, args.optimizer, lr, args.weight_decay)
+    warmup = min(int(args.warmup_epochs * loader.sampler.batches_per_epoch), total_steps - 1)
+    scheduler = WarmupCosineScheduler(optimizer, total_steps, warmup_steps=max(warmup, 0), warmup_start_ratio=1e-4)
+    amp_dtype = AMP_DTYPES[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    # ---- resume
+    state = {"model": online, "target": target, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    step = 0
+    resume = resolve_resume(args.resume, output_dir)
+    if resume is not None:
+        step = load_training_state(resume, state, map_location=device, args=args)
+    stop_at = total_steps if args.stop_after is None else min(total_steps, step + args.stop_after)
+    log = RunLog(output_dir, total_steps, start_step=step, stop_step=stop_at, print_freq=args.print_freq,
+                 enabled=info.is_main)
+    if resume is not None:
+        log.print(f"resumed from {resume} at step {step}")
+    log.print(f"training {total_steps} steps ({loader.sampler.batches_per_epoch} per epoch), per-process batch "
+              f"{args.batch_size}, global batch {global_batch}, world size {info.world_size}, device {device}, "
+              f"amp {args.amp}")
+    if args.loss == "pixpro":
+        log.print("note: the PixPro loss lies in [-4, 4] (two directions of -2 x mean cosine); negative values "
+                  "are normal, it usually settles around -2 to -3")
 
     pixpro_loss = PixProConsistencyLoss()
     pixcontrast_loss = PixContrastLoss(temperature=args.temperature)
 
-    def step_fn(batch, step: int) -> StepOutput:
-        views, geoms = batch
-        views = [v.to(trainer.device, non_blocking=True) for v in views]
-        geoms = [g.to(trainer.device) for g in geoms]
-        # PixPro: the momentum update runs at the start of the step, BEFORE the keys are computed
-        # (PixCon updates after the optimiser step): step t's keys use m_t (m_0 = 0.99 is a no-op).
-        momentum = target.update(step)
-        online_out = trainer.ddp(views)
-        with torch.no_grad():
-            target_out = [encode(target.target, v) for v in views]
-        dense = torch.zeros((), device=trainer.device)
-        metrics: dict[str, float] = {"momentum": momentum}
-        for a, b in ((0, 1), (1, 0)):
-            m = coordinate_match(geoms[a], geoms[b], tuple(online_out[a]["feats"].shape[-2:]),
-                                 tuple(target_out[b]["feats"].shape[-2:]), threshold=args.threshold)
-            if args.loss == "pixpro":  # sum over the two directions, as released: range [-4, 4]
-                dense = dense + pixpro_loss(online_out[a]["prop"], target_out[b]["dense"], m)
-            else:  # PixContrast: mean over the two directions
-                dense = dense + 0.5 * pixcontrast_loss(online_out[a]["dense"], target_out[b]["dense"], m)
-            if a == 0:
-                assert m.key_mask is not None
-                n_valid = m.valid.sum()
-                metrics["valid_fraction"] = float(m.valid.float().mean())
-                metrics["mean_positives"] = float((m.key_mask & m.valid[..., None]).sum() / n_valid.clamp_min(1))
-        metrics[f"loss_{args.loss}"] = float(dense.detach())
-        total = dense
-        if instance:  # BYOL-style -2 cos of the pooled instance prediction vs the pooled target projection
-            inst = sum(2.0 * negative_cosine(online_out[a]["instance_pred"], target_out[b]["instance"].mean(dim=(2, 3)))
-                       for a, b in ((0, 1), (1, 0)))
-            metrics["loss_instance"] = float(inst.detach())
-            total = total + args.instance_weight * inst
-        return StepOutput(total, metrics)
+    # ---- training loop
+    online.train()
+    with PreemptionHandler() as preempt:
+        for epoch, (views, geoms) in step_batches(loader, step, stop_at):
+            views = [v.to(device, non_blocking=True) for v in views]
+            geoms = [g.to(device) for g in geoms]
 
-    trainer.fit(step_fn)
-    trainer.export(online.encoder["backbone"])  # backbone.pth, for fine-tuning
-    if not trainer.stopped_by_signal and not args.no_eval:
-        # the match picture shows the nearest coordinate match (default of final_report)
-        final_report(trainer, online.encoder["backbone"], transform)
-    trainer.close()
+            # PixPro: the momentum update runs at the start of the step, BEFORE the keys are computed
+            # (PixCon updates after the optimiser step): step t's keys use m_t (m_0 = 0.99 is a no-op).
+            momentum = target.update(step)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                online_out = model(views)
+                with torch.no_grad():
+                    target_out = [encode(target.target, v) for v in views]
+                dense = torch.zeros((), device=device)
+                metrics: dict[str, float] = {}
+                for a, b in ((0, 1), (1, 0)):  # both directions: online view a against target view b
+                    m = coordinate_match(geoms[a], geoms[b], tuple(online_out[a]["feats"].shape[-2:]),
+                                         tuple(target_out[b]["feats"].shape[-2:]), threshold=args.threshold)
+                    if args.loss == "pixpro":  # sum over the two directions, as released: range [-4, 4]
+                        dense = dense + pixpro_loss(online_out[a]["prop"], target_out[b]["dense"], m)
+                    else:  # PixContrast: mean over the two directions
+                        dense = dense + 0.5 * pixcontrast_loss(online_out[a]["dense"], target_out[b]["dense"], m)
+                    if a == 0:
+                        assert m.key_mask is not None
+                        n_valid = m.valid.sum()
+                        metrics.update(valid_fraction=float(m.valid.float().mean()), mean_positives=float(
+                            (m.key_mask & m.valid[..., None]).sum() / n_valid.clamp_min(1)))
+                metrics[f"loss_{args.loss}"] = float(dense.detach())
+                loss = dense
+                if instance:  # BYOL-style -2 cos of the pooled instance prediction vs the pooled target projection
+                    inst = sum(2.0 * negative_cosine(online_out[a]["instance_pred"],
+                                                     target_out[b]["instance"].mean(dim=(2, 3)))
+                               for a, b in ((0, 1), (1, 0)))
+                    metrics["loss_instance"] = float(inst.detach())
+                    loss = loss + args.instance_weight * inst
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+
+            skipped = skipped_images(loader)
+            log.step(step, {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "momentum": momentum, **metrics,
+                            **({} if skipped is None else {"skipped_images": skipped})},
+                     epoch=epoch, images=global_batch)
+            if args.save_every and step % args.save_every == 0:
+                save_training_state(output_dir / CHECKPOINT_NAME, state, step=step, args=checkpointable_args(args),
+                                    rank_copy=args.save_rank_states)
+            if preempt.synchronize(device):
+                log.print(f"preemption signal received: saving at step {step} and exiting")
+                break
+    save_training_state(output_dir / CHECKPOINT_NAME, state, step=step, args=checkpointable_args(args),
+                        rank_copy=args.save_rank_states)
+
+    # ---- export and report, once the schedule is complete
+    backbone = online.encoder["backbone"]
+    if step >= total_steps:
+        export_backbone(backbone, output_dir / "backbone.pth", arch=args.arch, verify=args.arch != "tiny")
+        if info.is_main and not args.no_eval:
+            # the match picture shows the nearest coordinate match (the default of final_report)
+            report = final_report(
+                backbone, output_dir=output_dir, steps=step, final_loss=log.last.get("loss", float("nan")),
+                transform=transform, device=device,
+            )
+            log.print(report_line(report))
+    log.close()
+    cleanup()
 
 
 if __name__ == "__main__":
-    main(parse_with_presets(get_args_parser(), {"paper": PAPER}))
+    parser = get_args_parser()
+    try:
+        main(parse_with_presets(parser, {"paper": PAPER}))
+    except RunError as err:  # a mistake in the arguments or the data: one line, exit status 2
+        parser.exit(2, f"{parser.prog}: error: {err}\n")

@@ -37,7 +37,7 @@ def correspondence_match(
     space; a loss samples there bilinearly (features, or LC-loss's NLL map) with
     :func:`~densecontrast.matching.sample_points` / :meth:`Matches.gather`.
 
-    Border rule (the LC-loss validity set ``P``, spec §4.3), chosen by ``border``:
+    Border rule (the LC-loss validity set ``P``), chosen by ``border``:
 
     * ``"view"`` (default, the paper's "inside the bounds of the view"): valid iff the image
       point lies inside the key view (closed box, ``valid == in_box``). Points in the half-cell

@@ -81,7 +81,9 @@ PAPER = dict(  # DenseCL paper: ResNet-50, 8 x 32 images, 800 COCO epochs, SGD 0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="DenseCL pre-training", add_help=True)
+    parser = argparse.ArgumentParser(
+        description="DenseCL pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_common_args(parser, lr=0.05, epochs=4, batch_size=32)
     g = parser.add_argument_group("densecl")
     g.add_argument("--preset", choices=["demo", "paper"], default="demo",

@@ -88,7 +88,9 @@ PAPER = dict(  # DenseSiam paper (SimSiam recipe, reconstructed): ResNet-50, 8 x
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="DenseSiam pre-training", add_help=True)
+    parser = argparse.ArgumentParser(
+        description="DenseSiam pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_common_args(parser, lr=0.05, epochs=4, batch_size=32)
     g = parser.add_argument_group("densesiam")
     g.add_argument("--preset", choices=["demo", "paper"], default="demo",

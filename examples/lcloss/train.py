@@ -70,12 +70,14 @@ PAPER = dict(  # LC-loss paper: ResNet-50, 16 x 256 images, 400 ImageNet epochs,
     arch="resnet50", crop_size=224, batch_size=256, epochs=400, optimizer="lars", lr=0.3, lr_scaling="linear",
     weight_decay=1e-6, warmup_epochs=10, momentum_base=0.996, amp="fp16", alpha=0.1,
     proj_hidden=4096, proj_dim=256, dense_hidden=2048, dense_dim=256,
-    sync_bn=True, workers=8, save_every=2000,  # sync_bn: BYOL's cross-replica BN [I]
+    sync_bn=True, workers=8, save_every=2000,  # sync_bn: BYOL's cross-replica BatchNorm
 )
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="LC-loss pre-training", add_help=True)
+    parser = argparse.ArgumentParser(
+        description="LC-loss pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_common_args(parser, lr=0.05, epochs=4, batch_size=32)
     g = parser.add_argument_group("lcloss")
     g.add_argument("--preset", choices=["demo", "paper"], default="demo",

@@ -69,7 +69,9 @@ PAPER = dict(  # PixCon paper: ResNet-50, 4 x 128 images, 800 COCO epochs, SGD 0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="PixCon pre-training", add_help=True)
+    parser = argparse.ArgumentParser(
+        description="PixCon pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_common_args(parser, lr=0.05, epochs=4, batch_size=32)
     g = parser.add_argument_group("pixcon")
     g.add_argument("--variant", choices=["coord", "sim", "sr"], default="sr", help="matching / reweighting variant")

@@ -78,7 +78,9 @@ PAPER = dict(  # PixPro paper: ResNet-50, 8 x 128 images, 400 ImageNet epochs, L
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="PixPro pre-training", add_help=True)
+    parser = argparse.ArgumentParser(
+        description="PixPro pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_common_args(parser, lr=0.05, epochs=4, batch_size=32)
     g = parser.add_argument_group("pixpro")
     g.add_argument("--loss", choices=["pixpro", "pixcontrast"], default="pixpro",

@@ -228,3 +228,13 @@ def test_process_group_signal_with_workers_saves_and_resumes_exactly(tmp_path: P
     a, b = _load(full / "checkpoint.pth"), _load(part / "checkpoint.pth")
     assert a["step"] == b["step"] == 12
     _assert_state_equal(a, b, ["model", "target", "global_queue", "dense_queue", "scheduler"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_help_shows_defaults_and_cites_papers(method: str) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / method / "train.py"), "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "(default: 0.05)" in text and "(default: tiny)" in text  # --lr and --arch
+    assert "spec" not in text.lower()

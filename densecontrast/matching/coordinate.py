@@ -57,6 +57,29 @@ def _bin_diagonal(cell_size: Tensor) -> Tensor:
     return torch.linalg.vector_norm(cell_size, dim=-1)
 
 
+def _axes(geometry: ViewGeometry, h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Image-space x of the columns, y of the rows and the cell size of an ``h x w`` map over each view.
+
+    One view -> image map for all three (the matchers' fixed cost at small grids): the floats of
+    :meth:`ViewGeometry.grid`, whose cell ``(i, j)`` lies at ``(x[:, j], y[:, i])`` (view-space
+    centers times ``scale`` plus ``offset``, as :meth:`ViewGeometry.to_image`), and of
+    :meth:`ViewGeometry.cell_size` (``|scale| / (w, h)``: the crop extent over the cell count).
+
+    Returns:
+        ``x (B, w)``, ``y (B, h)`` and ``cell (B, 2)`` (width, height).
+    """
+    scale, offset = geometry._scale_offset()  # (B, 2) each: the map of ViewGeometry.to_image
+    centers = ViewGeometry.view_grid(h, w, device=geometry.device, dtype=geometry.dtype)  # (h * w, 2)
+    x = centers[:w, 0] * scale[:, 0:1] + offset[:, 0:1]
+    y = centers[::w, 1] * scale[:, 1:2] + offset[:, 1:2]
+    return x, y, scale.abs() / scale.new_tensor([w, h])
+
+
+def _grid(x: Tensor, y: Tensor) -> Tensor:
+    """``(B, h * w, 2)`` cell centers from the column x ``(B, w)`` and row y ``(B, h)``, row-major (as ``grid``)."""
+    return torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), dim=-1).flatten(1, 2)
+
+
 # ---------------------------------------------------------------------- PixPro threshold matcher
 # Cost model of coordinate_match, in units of one tested (query, key cell) pair. A pair costs about
 # a nanosecond on one CPU core; a group of tensor operations about 20 microseconds, whatever its size.
@@ -168,6 +191,59 @@ def _plan(sizes: list[list[int]], n: int, hk: int, wk: int) -> list[tuple[_Sampl
     return [(s, None if w == (wk, hk) else w) for s, w in groups]
 
 
+def _grouped(
+    key_geometry: ViewGeometry, cq: Tensor, col_x: Tensor, row_y: Tensor, cell_k: Tensor, radius: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Positives of a large problem, in the groups of :func:`_plan` (windows or the whole grid).
+
+    Args:
+        key_geometry: the B key views.
+        cq: ``(B, N, 2)`` image-space query centers.
+        col_x: ``(B, w_k)`` image-space x of the key columns.
+        row_y: ``(B, h_k)`` image-space y of the key rows.
+        cell_k: ``(B, 2)`` key cell size.
+        radius: ``(B,)`` positive radius.
+
+    Returns:
+        ``key_index (B, N, k)`` and ``key_mask (B, N, k)`` as :func:`coordinate_match`.
+    """
+    (b, n, _), hk, wk = cq.shape, row_y.shape[1], col_x.shape[1]
+    r_cells = radius[:, None] / cell_k  # (B, 2) radius in key cells (x, y)
+    # k_x x k_y cells per sample: +4 = floor slack + a one-cell float margin each side
+    size = torch.minimum(torch.floor(2 * r_cells).long() + 4, torch.tensor([wk, hk], device=cq.device))
+    groups = _plan(size.tolist(), n, hk, wk)
+    if any(window is not None for _, window in groups):
+        uv = key_geometry.to_cells(cq, hk, wk)  # (B, N, 2) continuous key-cell coordinates
+        first = torch.floor(uv - r_cells[:, None, :]).long() - 1  # (B, N, 2) window's first column, row
+    parts = []
+    for samples, window in groups:
+        sel = samples if isinstance(samples, slice) else torch.tensor(samples, device=cq.device)
+        if window is None:
+            key, mask = _pack(_hits(cq[sel], col_x[sel, None, :], row_y[sel, None, :], radius[sel]))
+        else:
+            kx, ky = window
+            x0 = first[sel, :, 0].clamp(0, wk - kx)  # (b, N)
+            y0 = first[sel, :, 1].clamp(0, hk - ky)
+            bs = x0.shape[0]
+            cols = x0[..., None] + torch.arange(kx, device=cq.device)  # (b, N, k_x)
+            rows = y0[..., None] + torch.arange(ky, device=cq.device)
+            xs = torch.gather(col_x[sel], 1, cols.view(bs, -1)).view(bs, n, kx)
+            ys = torch.gather(row_y[sel], 1, rows.view(bs, -1)).view(bs, n, ky)
+            pos, mask = _pack(_hits(cq[sel], xs, ys, radius[sel]))
+            # window positions ascend with the key index (row-major window inside the grid)
+            key = torch.where(mask, (y0[..., None] + pos // kx) * wk + x0[..., None] + pos % kx, 0)
+        parts.append((sel, key, mask))
+    if len(parts) == 1:
+        return parts[0][1], parts[0][2]
+    k = max(key.shape[-1] for _, key, _ in parts)
+    index = torch.zeros(b, n, k, dtype=torch.long, device=cq.device)
+    mask = torch.zeros(b, n, k, dtype=torch.bool, device=cq.device)
+    for sel, key, part_mask in parts:
+        index[sel, :, : key.shape[-1]] = key
+        mask[sel, :, : key.shape[-1]] = part_mask
+    return index, mask
+
+
 def coordinate_match(
     query_geometry: ViewGeometry,
     key_geometry: ViewGeometry,
@@ -240,50 +316,16 @@ def coordinate_match(
     threshold = check_positive(threshold, "threshold", note="(bin diagonals)")
     with torch.no_grad():
         b, n, m = len(query_geometry), hq * wq, hk * wk
-        cq = query_geometry.grid(hq, wq)  # (B, N, 2) image space
-        ck = key_geometry.grid(hk, wk)  # (B, M, 2)
-        # a key cell's x depends on its column only, its y on its row only (the same floats as in ck)
-        col_x, row_y = ck[:, :wk, 0], ck[:, ::wk, 1]  # (B, w_k), (B, h_k)
-        cell_k = key_geometry.cell_size(hk, wk)  # (B, 2)
-        radius = threshold * torch.maximum(_bin_diagonal(query_geometry.cell_size(hq, wq)), _bin_diagonal(cell_k))
+        x_q, y_q, cell_q = _axes(query_geometry, hq, wq)
+        cq = _grid(x_q, y_q)  # (B, N, 2) image space, = query_geometry.grid(h_q, w_q)
+        # a key cell's x depends on its column only, its y on its row only
+        col_x, row_y, cell_k = _axes(key_geometry, hk, wk)  # (B, w_k), (B, h_k), (B, 2)
+        radius = threshold * torch.maximum(_bin_diagonal(cell_q), _bin_diagonal(cell_k))
         in_box = key_geometry.contains(cq)
-        groups: list[tuple[_Samples, _Window]] = [(slice(0, b), None)]
-        if b * n * m > _DENSE_PAIRS:
-            r_cells = radius[:, None] / cell_k  # (B, 2) radius in key cells (x, y)
-            # k_x x k_y cells per sample: +4 = floor slack + a one-cell float margin each side
-            size = torch.minimum(torch.floor(2 * r_cells).long() + 4, torch.tensor([wk, hk], device=cq.device))
-            groups = _plan(size.tolist(), n, hk, wk)
-        if any(window is not None for _, window in groups):
-            uv = key_geometry.to_cells(cq, hk, wk)  # (B, N, 2) continuous key-cell coordinates
-            first = torch.floor(uv - r_cells[:, None, :]).long() - 1  # (B, N, 2) window's first column, row
-        parts = []
-        for samples, window in groups:
-            sel = samples if isinstance(samples, slice) else torch.tensor(samples, device=cq.device)
-            if window is None:
-                hit = _hits(cq[sel], col_x[sel, None, :], row_y[sel, None, :], radius[sel])
-                key, mask = _pack(hit)  # window = grid: positions are key indices
-            else:
-                kx, ky = window
-                x0 = first[sel, :, 0].clamp(0, wk - kx)  # (b, N)
-                y0 = first[sel, :, 1].clamp(0, hk - ky)
-                bs = x0.shape[0]
-                cols = x0[..., None] + torch.arange(kx, device=cq.device)  # (b, N, k_x)
-                rows = y0[..., None] + torch.arange(ky, device=cq.device)
-                xs = torch.gather(col_x[sel], 1, cols.view(bs, -1)).view(bs, n, kx)
-                ys = torch.gather(row_y[sel], 1, rows.view(bs, -1)).view(bs, n, ky)
-                pos, mask = _pack(_hits(cq[sel], xs, ys, radius[sel]))
-                # window positions ascend with the key index (row-major window inside the grid)
-                key = torch.where(mask, (y0[..., None] + pos // kx) * wk + x0[..., None] + pos % kx, 0)
-            parts.append((sel, key, mask))
-        if len(parts) == 1:
-            _, index, mask = parts[0]
+        if b * n * m <= _DENSE_PAIRS:  # every pair: the positions in the grid are the key indices
+            index, mask = _pack(_hits(cq, col_x[:, None, :], row_y[:, None, :], radius))
         else:
-            k = max(key.shape[-1] for _, key, _ in parts)
-            index = torch.zeros(b, n, k, dtype=torch.long, device=cq.device)
-            mask = torch.zeros(b, n, k, dtype=torch.bool, device=cq.device)
-            for sel, key, part_mask in parts:
-                index[sel, :, : key.shape[-1]] = key
-                mask[sel, :, : key.shape[-1]] = part_mask
+            index, mask = _grouped(key_geometry, cq, col_x, row_y, cell_k, radius)
     return Matches._trusted(  # key indices lie in the grid by construction
         valid=mask.any(-1),
         weight=torch.ones(b, n, dtype=cq.dtype, device=cq.device),
@@ -377,7 +419,7 @@ def nearest_coordinate_match(
     hk, wk = check_grid_shape(key_shape, "key_shape")
     check_int(topk, "topk", 1, allow_none=True)
     with torch.no_grad():
-        cq = query_geometry.grid(hq, wq)
+        cq = _grid(*_axes(query_geometry, hq, wq)[:2])  # = query_geometry.grid(h_q, w_q)
         uv = key_geometry.to_cells(cq, hk, wk)
         col = torch.round(uv[..., 0]).clamp(0, wk - 1).long()
         row = torch.round(uv[..., 1]).clamp(0, hk - 1).long()

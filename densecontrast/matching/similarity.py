@@ -173,24 +173,24 @@ def similarity_match(
         for b0 in range(0, b, per_step):
             b1 = min(b, b0 + per_step)
             kb = k[b0:b1].detach().to(dtype)
-            # a non-finite key is no candidate: zeroed, and its column gets a bias of -inf
-            key_ok = torch.isfinite(kb).all(-1, keepdim=True)  # (b, M, 1)
-            kb = torch.where(key_ok, kb, torch.zeros_like(kb))
-            key_bias = torch.zeros_like(key_ok, dtype=dtype).masked_fill_(~key_ok, -torch.inf).transpose(1, 2)
             kn = F.normalize(kb, dim=-1)
             if metric == "cosine":
-                kt, bias = kn.transpose(1, 2), key_bias  # (b, 1, M)
+                kt, bias = kn.transpose(1, 2), None
             else:
-                kt, bias = 2 * kb.transpose(1, 2), key_bias - (kb * kb).sum(-1)[:, None, :]  # (b, 1, M)
+                kt, bias = 2 * kb.transpose(1, 2), -(kb * kb).sum(-1)[:, None, :]  # (b, 1, M)
             for n0 in range(0, n, step_n):
                 n1 = min(n, n0 + step_n)
                 qc = q[b0:b1, n0:n1].detach().to(dtype)
                 qn = F.normalize(qc, dim=-1)
+                scores = torch.bmm(qn, kt) if bias is None else torch.baddbmm(bias, qc, kt)
+                # A non-finite key makes its whole column NaN (or -inf), a non-finite query its whole row:
+                # NaN -> -inf, so such a key is never the match and such a query's best score is not finite.
+                scores.nan_to_num_(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
                 if metric == "cosine":
-                    val, idx = torch.max(torch.baddbmm(bias, qn, kt), dim=-1)
+                    val, idx = torch.max(scores, dim=-1)
                     score = val
                 else:
-                    score, idx = torch.max(torch.baddbmm(bias, qc, kt), dim=-1)
+                    score, idx = torch.max(scores, dim=-1)
                     matched = torch.gather(kn, 1, idx[..., None].expand(-1, -1, c))
                     val = (qn * matched).sum(-1)
                 index[b0:b1, n0:n1] = idx

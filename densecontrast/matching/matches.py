@@ -97,14 +97,14 @@ class Matches:
         Private: user-built :class:`Matches` are always checked.
         """
         obj = cls.__new__(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in fields:
-                value = fields.pop(f.name)
-            elif f.default is not dataclasses.MISSING:
-                value = f.default
+        for name, default in _FIELDS:
+            if name in fields:
+                value = fields.pop(name)
+            elif default is not dataclasses.MISSING:
+                value = default
             else:
-                raise TypeError(f"Matches._trusted() missing required field {f.name!r}")
-            object.__setattr__(obj, f.name, value)
+                raise TypeError(f"Matches._trusted() missing required field {name!r}")
+            object.__setattr__(obj, name, value)
         if fields:
             raise TypeError(f"Matches._trusted() got unexpected fields {sorted(fields)}")
         obj._validate(check_values=False, num_keys=num_keys)
@@ -177,8 +177,8 @@ class Matches:
 
         The constructor's index range check runs again only when ``key_index`` or ``key_shape`` change.
         """
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
+        names = [name for name, _ in _FIELDS]
+        unknown = sorted(set(changes) - set(names))
         if unknown:
             raise TypeError(f"Matches.replace() got unexpected fields {unknown}")
         fields = {name: changes.get(name, getattr(self, name)) for name in names}
@@ -280,6 +280,11 @@ class Matches:
         u, v = uv[..., 0].clamp(0, w - 1), uv[..., 1].clamp(0, h - 1)
         dense.scatter_(2, (v * w + u)[..., None], self.valid[..., None])
         return dense
+
+
+#: ``(name, default)`` of the fields of :class:`Matches`, read once: ``dataclasses.fields`` of the class
+#: cannot be traced by ``torch.compile``, so matchers build their results through this.
+_FIELDS = tuple((f.name, f.default) for f in dataclasses.fields(Matches))
 
 
 def sample_points(feature_map: Tensor, points: Tensor) -> Tensor:

@@ -17,6 +17,11 @@ passing one ``sizes`` dict to several :func:`check_shape` calls::
 Compute dtype: losses, matchers and heads compute in float32, or in float64 when an input is
 float64; half and bfloat16 inputs are upcast (:func:`compute_dtype`, :func:`to_compute`).
 
+Value checks that read tensor contents (:func:`check_index`, :func:`check_nonnegative`,
+:func:`check_finite` with ``asynchronous=True``) are asynchronous device asserts
+(``torch._assert_async``) on CUDA and while ``torch.compile`` traces, so they never break a
+compiled graph; a violation then raises ``RuntimeError`` when the assert runs.
+
 This module sits at the bottom of the package: it imports nothing from ``densecontrast`` at run
 time. Checks for library types (:class:`~densecontrast.geometry.ViewGeometry`,
 :class:`~densecontrast.matching.Matches`) look the class up in the already-imported module: an
@@ -28,7 +33,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from collections.abc import Collection, MutableMapping, Sequence
+from collections.abc import Collection, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -53,6 +58,7 @@ __all__ = [
     "check_positive",
     "check_shape",
     "check_size",
+    "check_weights_only",
     "check_type",
     "compute_dtype",
     "to_compute",
@@ -212,14 +218,15 @@ def check_finite(x: Tensor, name: str, *, note: str = "", asynchronous: bool = F
     """Raise ``ValueError`` if a floating tensor holds NaN or inf (other dtypes pass); return ``x``.
 
     This reads the result on the host: one synchronization for a CUDA tensor, unless
-    ``asynchronous=True``: then a CUDA tensor is checked with an asynchronous device assert (as in
-    :func:`check_index`) and other devices still raise ``ValueError``.
+    ``asynchronous=True``: then a CUDA tensor (or any tensor under ``torch.compile``) is checked
+    with an asynchronous device assert (as in :func:`check_index`) and other devices still raise
+    ``ValueError``.
 
     Args:
         x: the tensor.
         name: argument name for the message.
         note: text appended to "must be finite" in the message (e.g. what was checked).
-        asynchronous: on CUDA, assert on the device instead of synchronizing.
+        asynchronous: on CUDA and under ``torch.compile``, assert on the device instead of synchronizing.
 
     Examples:
         >>> check_finite(torch.tensor([[0.0, float("nan")]]), "boxes")
@@ -229,7 +236,7 @@ def check_finite(x: Tensor, name: str, *, note: str = "", asynchronous: bool = F
     """
     if not x.is_floating_point() or x.numel() == 0:
         return x
-    if asynchronous and x.device.type == "cuda":
+    if asynchronous and _asynchronous(x):
         torch._assert_async(torch.isfinite(x).all(), f"{name} must be finite{_suffix(note)}")
         return x
     bad = ~torch.isfinite(x)
@@ -242,17 +249,24 @@ def check_finite(x: Tensor, name: str, *, note: str = "", asynchronous: bool = F
     return x
 
 
+def _asynchronous(x: Tensor) -> bool:
+    """Whether value checks of ``x`` are asynchronous asserts: on CUDA, and while ``torch.compile`` traces."""
+    return x.device.type == "cuda" or torch.compiler.is_compiling()
+
+
 def _check_elementwise(x: Tensor, ok: Tensor, requirement: str, describe: Any) -> None:
     """Raise unless ``ok`` (a bool tensor shaped like ``x``) is all True; asynchronous on CUDA.
 
     On CUDA the condition is checked with ``torch._assert_async`` (no host synchronization: a
     violation surfaces as a device-side assert at a later synchronization and leaves the CUDA
-    context unusable, as an out-of-range ``gather`` would). On every other device the result is
-    read on the host and a violation raises ``ValueError(requirement + describe(bad))``.
+    context unusable, as an out-of-range ``gather`` would), and so it is under ``torch.compile``
+    on any device (no graph break; a violation raises ``RuntimeError`` with ``requirement``). On
+    every other device the result is read on the host and a violation raises
+    ``ValueError(requirement + describe(bad))``.
     """
     if x.numel() == 0:
         return
-    if x.device.type == "cuda":
+    if _asynchronous(x):
         torch._assert_async(ok.all(), requirement)
         return
     bad = ~ok
@@ -692,3 +706,34 @@ def check_bool_tensor(
         raise ValueError(f"{expected}, but got {got}")
     check_shape(t, name, dims, sizes=sizes, of=of, note=note)
     return t
+
+
+_ALLOWED_LEAVES = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def check_weights_only(obj: Any, where: str) -> None:
+    """Raise ``ValueError`` naming the first entry of ``obj`` that ``torch.load(weights_only=True)`` cannot read back.
+
+    Examples:
+        >>> check_weights_only({"step": 1, "w": torch.zeros(2), "names": ["a"]}, "state")
+        >>> check_weights_only({"fn": print}, "state")
+        Traceback (most recent call last):
+        ...
+        ValueError: state['fn'] is a builtins.builtin_function_or_method, which torch.load(weights_only=True) ...
+    """
+    if isinstance(obj, _ALLOWED_LEAVES):
+        return
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise ValueError(f"state keys must be str or int, but {where} has a key of type {type(k).__name__}")
+            check_weights_only(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_weights_only(v, f"{where}[{i}]")
+        return
+    raise ValueError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which torch.load(weights_only=True) "
+        "cannot read back; store tensors, numbers, strings and dicts/lists of them (e.g. obj.state_dict())"
+    )

@@ -1,8 +1,6 @@
 """Small helpers the reference scripts' loops call: launch, command line, checkpoints, logging (``docs/training.md``).
 
 No trainer to subclass and no callbacks: each ``examples/<method>/train.py`` writes its loop out.
-Modules: :mod:`~densecontrast.engine.launch`, :mod:`~densecontrast.engine.cli`,
-:mod:`~densecontrast.engine.checkpoint`, :mod:`~densecontrast.engine.run_log`.
 """
 
 from densecontrast.engine.checkpoint import (

@@ -1,20 +1,14 @@
-"""Checkpoints that survive preemption and load with ``torch.load(weights_only=True)``.
+"""Checkpoints that survive preemption and load with ``torch.load(weights_only=True)`` (no unpickled code).
 
-* :func:`save_checkpoint` writes atomically: a temporary file in the same directory, ``fsync``,
-  then :func:`os.replace`. A job killed mid-save leaves the previous checkpoint intact.
-* :func:`load_checkpoint` never unpickles code (``weights_only=True``), so a checkpoint must hold
-  only tensors, numbers, strings, ``None`` and dicts / lists / tuples of them. ``state_dict()``
-  of modules, optimizers, LR schedulers, ``GradScaler`` and densecontrast queues qualify, and
-  so do the generator states of :mod:`densecontrast.random_state`.
-* :func:`save_training_state` / :func:`load_training_state` save and restore everything a
-  training loop needs to continue bit-exactly (every ``state_dict``, the step, every rank's
-  random generators, the arguments); :func:`resolve_resume` implements ``--resume auto``.
-* :func:`export_backbone` writes the backbone in torchvision's key layout for fine-tuning.
+Atomic saves (:func:`save_checkpoint`), the full state of a training loop for bit-exact resume
+(:func:`save_training_state` / :func:`load_training_state`, :func:`resolve_resume`) and the
+backbone export in torchvision's key layout (:func:`export_backbone`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import warnings
@@ -26,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from densecontrast._checks import check_weights_only
 from densecontrast.backbones import check_torchvision_keys, plain_state_dict
 from densecontrast.distributed import is_distributed, rank, unwrap_model
 from densecontrast.engine.cli import RunError, check_resume_args
@@ -41,42 +36,12 @@ __all__ = [
     "save_training_state",
 ]
 
-_ALLOWED_LEAVES = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
-
-
-def _check_weights_only(obj: Any, where: str) -> None:
-    """Raise ValueError naming the first entry ``torch.load(weights_only=True)`` could not read back."""
-    if isinstance(obj, _ALLOWED_LEAVES):
-        return
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            if not isinstance(k, (str, int)):
-                raise ValueError(f"state keys must be str or int, but {where} has a key of type {type(k).__name__}")
-            _check_weights_only(v, f"{where}[{k!r}]")
-        return
-    if isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _check_weights_only(v, f"{where}[{i}]")
-        return
-    raise ValueError(
-        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which torch.load(weights_only=True) "
-        "cannot read back; store tensors, numbers, strings and dicts/lists of them (e.g. obj.state_dict())"
-    )
-
-
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> bool:
-    """Write ``state`` to ``path`` atomically; when distributed only rank 0 writes (the others return at once).
+    """Write ``state`` to ``path`` atomically on rank 0 (returns whether this process wrote it).
 
-    The bytes go to a temporary file next to ``path``, are ``fsync``-ed and renamed over ``path``
-    with :func:`os.replace`: readers see the old file or the complete new one, and on any error
-    the old file is left untouched. ``state`` is checked up front to hold only what
-    ``torch.load(weights_only=True)`` reads back, so a bad entry fails now and not at resume.
-
-    Returns:
-        ``True`` if this process wrote the file.
-
-    Raises:
-        ValueError: naming the first entry that could not be loaded back.
+    A temporary file next to ``path`` is ``fsync``-ed and renamed over it: readers see the old
+    file or the complete new one. ``state`` must hold only what ``torch.load(weights_only=True)``
+    reads back (:func:`~densecontrast._checks.check_weights_only`), so a bad entry fails now.
 
     Examples:
         >>> import tempfile, os
@@ -90,7 +55,7 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> b
         raise ValueError(f"state must be a dict, but got {type(state).__name__}")
     if rank() != 0:
         return False
-    _check_weights_only(state, "state")
+    check_weights_only(state, "state")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -104,27 +69,21 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> b
         os.chmod(tmp, 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     _fsync_dir(path.parent)
     return True
 
 
 def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself (POSIX); best effort elsewhere."""
-    try:
+    """Persist the rename itself (POSIX); best effort where directories cannot be opened or synced."""
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some file systems refuse
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
@@ -153,12 +112,9 @@ CHECKPOINT_NAME = "checkpoint.pth"
 def resolve_resume(resume: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None) -> Path | None:
     """Turn ``--resume`` into a checkpoint path, or ``None`` to start fresh.
 
-    ``None`` / ``""``: start fresh. ``"auto"``: ``<output_dir>/checkpoint.pth`` if it exists, else
-    ``None`` (a requeued job resumes, a first run starts fresh, with one command line). Anything
-    else: that path, which must exist.
-
-    Raises:
-        FileNotFoundError: if an explicit path does not exist.
+    ``None`` / ``""``: fresh. ``"auto"``: ``<output_dir>/checkpoint.pth`` if it exists, else ``None``
+    (one command line resumes a requeued job and starts a first run). Else that path, which must
+    exist (``FileNotFoundError``).
 
     Examples:
         >>> import tempfile, os
@@ -201,28 +157,19 @@ def save_training_state(
     args: Mapping[str, Any] | None = None,
     rank_copy: bool = False,
 ) -> None:
-    """Checkpoint a training loop: every object's ``state_dict``, the step, all ranks' RNG states, the arguments.
+    """Checkpoint a training loop: every object's ``state_dict``, the step, all ranks' RNG states, ``args``.
 
-    A collective when distributed: call it on **every** rank at the same step; rank 0 writes
-    ``path`` atomically (:func:`save_checkpoint`). BatchNorm running statistics are per process
-    unless SyncBatchNorm is used: they are first broadcast from rank 0 — what DDP also does at
-    every forward (``broadcast_buffers``) — so every rank continues from the checkpointed ones.
-
-    Args:
-        path: the checkpoint file (conventionally ``<output_dir>/checkpoint.pth``).
-        objects: name -> anything with ``state_dict()`` / ``load_state_dict()`` (online model,
-            momentum target, queues, optimiser, LR scheduler, ``GradScaler``). DDP / compile
-            wrappers are unwrapped.
-        step: the number of optimiser steps done.
-        args: the run's arguments as primitives (``checkpointable_args``), stored under ``"args"``.
-        rank_copy: also write ``rank<r>.pth`` (states without RNG and arguments) next to ``path``
-            on every rank, to check that DDP ranks agree.
+    A collective when distributed (call it on every rank at the same step); rank 0 writes ``path``
+    atomically. BatchNorm running statistics are first broadcast from rank 0, as DDP does at
+    every forward, so every rank continues from the checkpointed ones. ``objects`` maps names to
+    anything with ``state_dict()`` (model, momentum target, queues, optimiser, scheduler,
+    ``GradScaler``; DDP / compile wrappers are unwrapped). ``rank_copy`` also writes
+    ``rank<r>.pth`` (states only) next to ``path`` on every rank, to check that ranks agree.
 
     Examples:
         >>> import tempfile, os
         >>> p = os.path.join(tempfile.mkdtemp(), "checkpoint.pth")
-        >>> net = nn.Linear(2, 2)
-        >>> save_training_state(p, {"model": net}, step=3)
+        >>> save_training_state(p, {"model": nn.Linear(2, 2)}, step=3)
         >>> load_training_state(p, {"model": nn.Linear(2, 2)})
         3
     """
@@ -250,13 +197,10 @@ def load_training_state(
 ) -> int:
     """Restore a :func:`save_training_state` checkpoint into ``objects``; returns the step to continue from.
 
-    With ``args`` the stored arguments are compared first (:func:`~densecontrast.engine.cli.check_resume_args`).
-    RNG states are restored per rank; when the checkpoint was written by a different number of
-    processes they cannot be (a warning says so) and the generators are re-seeded from the step.
-
-    Raises:
-        RunError: the checkpoint does not fit ``args`` or ``objects`` (another method, other arguments,
-            missing entries or mismatched keys).
+    With ``args`` the stored arguments are compared first (:func:`~densecontrast.engine.cli.check_resume_args`);
+    a checkpoint that does not fit (another method, other arguments, missing entries or
+    mismatched keys) raises ``RunError``. RNG states are restored per rank, or re-seeded from the
+    step with a warning when the checkpoint was written by another number of processes.
     """
     ckpt = load_checkpoint(path, map_location=map_location)
     if args is not None:
@@ -291,25 +235,13 @@ def export_backbone(
     plain: bool = False,
     verify: bool = True,
 ) -> bool:
-    """Write a backbone's weights in torchvision's key layout for downstream fine-tuning.
+    """Write a backbone's weights (:func:`~densecontrast.backbones.plain_state_dict`) for fine-tuning; rank 0 only.
 
-    ``module.`` / ``_orig_mod.`` prefixes (DDP, ``torch.compile``) are stripped and tensors moved
-    to the CPU (:func:`~densecontrast.backbones.plain_state_dict`). A backbone from
-    :func:`~densecontrast.backbones.build_backbone` ("resnet*") already
-    uses torchvision's key names (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...), so the
-    file loads into ``torchvision.models.<arch>()`` with ``strict=False`` and only the
-    classifier ``fc.weight`` / ``fc.bias`` missing. ``SyncBatchNorm`` keys are identical to
-    ``BatchNorm2d`` keys.
-
-    File format: ``{"arch": arch, "state_dict": {...}}`` (the form MMDetection / MMSegmentation
-    loaders read), or the bare state dict with ``plain=True``. Only rank 0 writes, atomically.
-
-    Args:
-        backbone: the module (possibly DDP-wrapped) or its state dict.
-        path: destination file.
-        arch: architecture name stored in the file, e.g. ``"resnet50"``.
-        plain: write the bare state dict instead of the wrapper dict.
-        verify: check keys and shapes with :func:`~densecontrast.backbones.check_torchvision_keys`.
+    A ResNet from :func:`~densecontrast.backbones.build_backbone` keeps torchvision's key names, so
+    the file loads into ``torchvision.models.<arch>()`` with only ``fc.*`` missing (``verify``
+    checks it with :func:`~densecontrast.backbones.check_torchvision_keys`). The file holds
+    ``{"arch": arch, "state_dict": {...}}`` (the form MMDetection / MMSegmentation read), or the
+    bare state dict with ``plain=True``; it is written atomically.
 
     Examples:
         >>> import tempfile, os, torchvision

@@ -92,16 +92,10 @@ def init_distributed(
     Reads torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (``env://`` rendezvous), or under
     ``srun`` SLURM's ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID`` when ``MASTER_ADDR``
     is exported; with none of them, one process and no process group. The device is
-    ``cuda:LOCAL_RANK`` when CUDA is available (made current), else the CPU; the backend NCCL on
-    CUDA and gloo on the CPU unless ``backend`` is given. An existing default group is reused.
-
-    Args:
-        backend: ``"nccl"``, ``"gloo"`` or ``None`` (pick from the device).
-        device: force a device, e.g. ``"cpu"`` on a GPU machine.
-        timeout: collective timeout for :func:`torch.distributed.init_process_group`.
-
-    Raises:
-        ValueError: if the environment variables are inconsistent, or ``backend`` is unknown.
+    ``cuda:LOCAL_RANK`` when CUDA is available (made current) unless ``device`` forces one, else the
+    CPU; the backend NCCL on CUDA and gloo on the CPU unless ``backend`` is given; ``timeout`` goes
+    to :func:`torch.distributed.init_process_group`. An existing default group is reused.
+    Inconsistent environment variables or an unknown backend raise ``ValueError``.
 
     Examples:
         >>> info = init_distributed(device="cpu")  # plain `python`, no launcher variables
@@ -153,11 +147,7 @@ def _pick_device(device: str | torch.device | None, local_rank: int) -> torch.de
 
 
 def _default_signals() -> tuple[signal.Signals, ...]:
-    sigs = [signal.SIGTERM]
-    usr1 = getattr(signal, "SIGUSR1", None)  # absent on Windows
-    if usr1 is not None:
-        sigs.append(usr1)
-    return tuple(sigs)
+    return tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)  # no USR1 on Windows
 
 
 def ignore_preemption_signals(worker_id: int = 0) -> None:
@@ -176,11 +166,8 @@ class PreemptionHandler:
     SLURM sends ``SIGUSR1`` with ``#SBATCH --signal=USR1@120`` and ``SIGTERM`` at the time limit,
     Kubernetes and ``torchrun`` send ``SIGTERM``. Inside the ``with`` block a signal only sets the
     flag (no printing inside a signal handler); the loop calls :meth:`synchronize` after a step,
-    saves and exits cleanly. The previous handlers are restored when the block exits. Handlers
-    can only be installed in the main thread (elsewhere a warning says so).
-
-    Args:
-        signals: the signals to catch; default ``SIGTERM`` and ``SIGUSR1``.
+    saves and exits cleanly. ``signals`` default to ``SIGTERM`` and ``SIGUSR1``; the previous
+    handlers are restored when the block exits. Only the main thread can install handlers.
 
     Examples:
         >>> import os, signal
@@ -213,14 +200,10 @@ class PreemptionHandler:
         self.received = signum
 
     def synchronize(self, device: torch.device | str | None = None) -> bool:
-        """Agree across ranks: ``True`` on every rank if any rank was signalled.
+        """``True`` on every rank if any rank was signalled: a collective, called by all ranks at one step.
 
-        A collective: every rank must call it at the same step. Without a process group it
-        returns :attr:`should_stop`.
-
-        Args:
-            device: where the one-element flag tensor lives; must be a CUDA device with NCCL.
-                Default: the current CUDA device with NCCL, else the CPU.
+        ``device`` holds the one-element flag (default: the current CUDA device under NCCL, else
+        the CPU). Without a process group it returns :attr:`should_stop`.
 
         Examples:
             >>> PreemptionHandler().synchronize()
@@ -259,11 +242,7 @@ class PreemptionHandler:
 
 
 def cleanup() -> None:
-    """Destroy the default process group if there is one (safe to call in any run).
-
-    Examples:
-        >>> cleanup()
-    """
+    """Destroy the default process group if there is one (safe to call in any run)."""
     if is_distributed():
         dist.destroy_process_group()
 

@@ -1,8 +1,6 @@
-"""Logging of a training run: one object for the console, a progress bar, JSON lines and TensorBoard.
+"""Logging of a training run: console lines, a progress bar, JSON lines and TensorBoard, on rank 0 only.
 
-Only the main process (rank 0) writes: :class:`RunLog` takes ``enabled`` once, and every output
-goes through it. TensorBoard and tqdm are optional; without them the run prints one line saying
-what was skipped and which package brings it.
+TensorBoard and tqdm are optional; a missing TensorBoard is reported in one line naming the extra.
 """
 
 from __future__ import annotations
@@ -38,14 +36,9 @@ class RunLog:
     ``metrics.jsonl`` (flushed; ``nan`` / ``inf`` as strings; a resumed run appends), writes
     TensorBoard scalars under ``train/`` and prints the line.
 
-    Args:
-        output_dir: the run directory (created).
-        total_steps: the schedule length (for the ``step s/total`` display).
-        start_step: the step the run starts (or resumes) at.
-        stop_step: the step it will stop at (``total_steps`` unless ``--stop-after``).
-        print_freq: log every this many steps.
-        enabled: write anything at all; pass ``info.is_main`` so only rank 0 writes.
-        tensorboard: also write TensorBoard events when ``tensorboard`` is installed.
+    ``enabled=info.is_main`` makes only rank 0 write; ``start_step`` / ``stop_step`` (default
+    ``total_steps``) place the progress bar; TensorBoard events go to ``output_dir/tb`` when
+    tensorboard is installed and ``tensorboard=True``.
 
     Examples:
         >>> import tempfile

@@ -137,14 +137,15 @@ def naive_module(q_map, k_flat, matches, queue, tau):
     return num / max(float(den), 1e-6)
 
 
+@pytest.mark.parametrize("static_shapes", [False, True])
 @pytest.mark.parametrize(("b", "h", "w", "hk", "wk", "d", "k"), [(1, 2, 3, 2, 2, 4, 6), (3, 3, 3, 4, 2, 8, 17)])
-def test_module_matches_naive(b: int, h: int, w: int, hk: int, wk: int, d: int, k: int) -> None:
+def test_module_matches_naive(b: int, h: int, w: int, hk: int, wk: int, d: int, k: int, static_shapes: bool) -> None:
     gen = torch.Generator().manual_seed(b * h * k)
     q = torch.randn(b, d, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
     key = torch.randn(b, d, hk, wk, generator=gen, dtype=torch.float64, requires_grad=True)
     queue = unit(k, d, gen=gen).requires_grad_()
     m = make_matches(b, h * w, hk * wk, gen)
-    loss = DenseInfoNCE(0.2, chunk_size=4)(q, key, m, queue)
+    loss = DenseInfoNCE(0.2, chunk_size=4, static_shapes=static_shapes)(q, key, m, queue)
     grads = torch.autograd.grad(loss, (q, key, queue))
 
     q_flat = q.flatten(2).transpose(1, 2)
@@ -170,6 +171,20 @@ def test_module_reduction_none_and_sum() -> None:
     assert torch.equal(per[w == 0], torch.zeros(int((w == 0).sum())))
     torch.testing.assert_close(per.sum(), total)
     torch.testing.assert_close(mean, total / w.sum())
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_static_shapes_gives_the_default_value(reduction: str) -> None:
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(3, 7, 4, generator=gen)
+    key = torch.randn(3, 5, 4, generator=gen)
+    queue = unit(11, 4, gen=gen, dtype=torch.float32)
+    m = make_matches(3, 7, 5, gen)
+    default = DenseInfoNCE(0.3, reduction=reduction, chunk_size=3)(q, key, m, queue)
+    static = DenseInfoNCE(0.3, reduction=reduction, chunk_size=3, static_shapes=True)(q, key, m, queue)
+    torch.testing.assert_close(static, default, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="static_shapes must be a bool"):
+        DenseInfoNCE(static_shapes=1)  # type: ignore[arg-type]
 
 
 def test_module_key_points_resampled() -> None:

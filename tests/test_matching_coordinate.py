@@ -160,6 +160,30 @@ def test_coordinate_match_plan():
         assert coordinate._plan([[4, 4]] * 3, 10, 4, 4) == [(slice(0, 2), None), (slice(2, 3), None)]
 
 
+@settings(max_examples=20)
+@given(pair=view_pairs(max_batch=3), qs=grid_shapes, ks=grid_shapes, threshold=thresholds, extra=st.integers(0, 3))
+def test_coordinate_match_max_positives_fixed_width(pair, qs, ks, threshold, extra):
+    qg, kg = pair
+    dense, _, _ = brute_force_positives(qg, kg, qs, ks, threshold)
+    width = max(1, int(dense.sum(-1).max())) + extra  # may exceed M: empty slots
+    m = coordinate_match(qg, kg, qs, ks, threshold, max_positives=width)
+    assert m.key_index.shape == (len(qg), qs[0] * qs[1], width)
+    padded = coordinate_match(qg, kg, qs, ks, threshold)
+    k = padded.key_index.shape[-1]
+    assert torch.equal(m.key_index[..., :k], padded.key_index) and torch.equal(m.key_mask[..., :k], padded.key_mask)
+    assert not bool(m.key_mask[..., k:].any()) and not bool(m.key_index[..., k:].any())
+    assert torch.equal(m.valid, padded.valid) and torch.equal(m.in_box, padded.in_box)
+
+
+def test_coordinate_match_max_positives_too_small():
+    size = torch.tensor([64.0, 64.0])
+    g = ViewGeometry.from_crops(torch.tensor([[0.0, 0.0, 64.0, 64.0]]), None, size)
+    with pytest.raises(ValueError, match=r"max_positives = 11 must be at least .* 25 queries with more \(up to 12\)"):
+        CoordinateMatcher(max_positives=11)(g, g, (7, 7), (14, 14))
+    with pytest.raises(ValueError, match="max_positives"):
+        coordinate_match(g, g, (7, 7), (7, 7), max_positives=0)
+
+
 @pytest.mark.parametrize("path", list(PATHS))
 def test_coordinate_match_empty_batch(path):
     g = ViewGeometry.from_crops(torch.zeros(0, 4), None, torch.tensor([10.0, 10.0]))

@@ -46,6 +46,7 @@ from densecontrast._checks import (
     check_matches,
     check_positive,
     check_shape,
+    check_type,
     compute_dtype,
 )
 from densecontrast.losses.reduction import REDUCTIONS, reduce
@@ -234,7 +235,7 @@ class DenseInfoNCE(nn.Module):
     ``L_i = -log softmax([q_i . k_i, q_i . Q] / tau)_0``. The batch loss is the weighted mean
     ``sum(w_i L_i) / max(sum(w_i), eps)`` over all ``B * N`` queries of the batch, with
     ``w = matches.effective_weight`` (``weight * valid``; PixCon-SR's semantic weights live in
-    ``weight``). Only queries with non-zero weight are computed.
+    ``weight``). Only queries with non-zero weight are computed, unless ``static_shapes``.
 
     Convention:
         ``query`` is the online dense projection of the query view, a map ``(B, D, h, w)``
@@ -257,6 +258,12 @@ class DenseInfoNCE(nn.Module):
         reduction: ``"mean"`` (weighted mean over valid queries), ``"sum"`` (``sum(w * L)``) or
             ``"none"`` (``(B, N)`` of ``w * L``).
         chunk_size: query rows per chunk (default: ~64 MiB of float32 logits per chunk).
+        static_shapes: compute every query, valid or not, so that no shape depends on the data
+            (no ``nonzero`` selection of the valid queries): ``torch.compile(..., fullgraph=True)``
+            then traces the loss with a queue without a graph break. The value is the same (the
+            reduction drops zero-weight queries; up to float rounding of differently tiled matrix
+            products), the time grows by the share of invalid queries, and every query's features
+            must be finite (a non-finite invalid query would give NaN gradients).
 
     Examples:
         >>> import torch, torch.nn.functional as F
@@ -270,17 +277,27 @@ class DenseInfoNCE(nn.Module):
         >>> loss = DenseInfoNCE(temperature=0.2)(q, k, m, queue)
         >>> loss.backward(); loss.dim(), bool(loss > 0), q.grad.shape
         (0, True, torch.Size([2, 16, 3, 3]))
+        >>> static = DenseInfoNCE(temperature=0.2, static_shapes=True)(q, k, m, queue)  # every query computed
+        >>> torch.allclose(static, loss)
+        True
     """
 
-    def __init__(self, temperature: float = 0.2, reduction: str = "mean", chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        temperature: float = 0.2,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        static_shapes: bool = False,
+    ) -> None:
         super().__init__()
         self.temperature = check_positive(temperature, "temperature")
         self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
         self.chunk_size = check_int(chunk_size, "chunk_size", 1, allow_none=True)
+        self.static_shapes = check_type(static_shapes, "static_shapes", bool)
         self._warned_no_negatives = False
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, static_shapes={self.static_shapes}"
 
     def _warn_no_negatives(self) -> None:
         """Once per module: in-batch negatives with a batch of one image, i.e. no negatives at all."""
@@ -344,6 +361,10 @@ class DenseInfoNCE(nn.Module):
                 q32, pos32 = F.normalize(q32, dim=-1), F.normalize(pos32, dim=-1)
             if queue is None:
                 per_query = self._in_batch(q32, pos32, key, normalize)
+            elif self.static_shapes:  # every query; the reduction drops the zero-weight ones
+                per_query = dense_info_nce(
+                    q32.reshape(-1, d), pos32.reshape(-1, d), queue, self.temperature, self.chunk_size
+                ).reshape(b, n)
             else:
                 flat_w = weight.reshape(-1)
                 idx = torch.nonzero(flat_w != 0).squeeze(1)

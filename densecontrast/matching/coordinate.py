@@ -14,9 +14,16 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densecontrast._checks import check_geometry_pair, check_grid_shape, check_int, check_positive
+from densecontrast._checks import (
+    _check_elementwise,
+    check_geometry_pair,
+    check_grid_shape,
+    check_int,
+    check_positive,
+)
 from densecontrast.geometry import ViewGeometry
 from densecontrast.matching.matches import Matches
 
@@ -119,20 +126,22 @@ def _hits(cq: Tensor, xs: Tensor, ys: Tensor, radius: Tensor) -> Tensor:
     return (d2.sqrt_() < radius[:, None, None, None]).flatten(2)
 
 
-def _pack(hit: Tensor) -> tuple[Tensor, Tensor]:
+def _pack(hit: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
     """The positions of the True entries of every row, packed into ``k`` slots.
 
     Args:
         hit: ``(b, N, W)`` bool.
+        k: the number of slots (at most ``W``, at least every row's count), or ``None``: the
+            largest row count (at least 1), read on the host.
 
     Returns:
-        ``pos (b, N, k)`` long (ascending, 0 in unused slots) and ``mask (b, N, k)`` bool
-        (``k = max(1, largest row count)``). Small inputs use ``topk``, large ones ``nonzero``
-        (work proportional to the True entries once they are found).
+        ``pos (b, N, k)`` long (ascending, 0 in unused slots) and ``mask (b, N, k)`` bool. Small
+        inputs and a given ``k`` use ``topk`` (fixed shapes), large ones ``nonzero`` (work
+        proportional to the True entries once they are found).
     """
     b, n, w = hit.shape
-    if hit.numel() <= _TOPK_PAIRS:
-        k = _width(hit.sum(-1))
+    if k is not None or hit.numel() <= _TOPK_PAIRS:
+        k = _width(hit.sum(-1)) if k is None else k
         pos = torch.where(hit, torch.arange(w, device=hit.device), w).topk(k, dim=-1, largest=False).values
         mask = pos < w
         return torch.where(mask, pos, 0), mask
@@ -145,6 +154,27 @@ def _pack(hit: Tensor) -> tuple[Tensor, Tensor]:
     pos[row * k + slot] = flat - row * w
     mask = torch.arange(k, device=hit.device) < count[:, None]
     return pos.view(b, n, k), mask.view(b, n, k)
+
+
+def _static(hit: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The positives of every pair packed into exactly ``k`` slots, with no host synchronization.
+
+    Args:
+        hit: ``(B, N, M)`` bool, every pair.
+        k: the number of slots; no query may have more positives (checked: ``ValueError``, or an
+            asynchronous assert on CUDA and under ``torch.compile``).
+
+    Returns:
+        ``key_index (B, N, k)`` and ``key_mask (B, N, k)`` as :func:`coordinate_match`.
+    """
+    count = hit.sum(-1)
+    _check_elementwise(
+        count, count <= k, f"max_positives = {k} must be at least every query's number of positives",
+        lambda bad: f"{int(bad.sum())} queries with more (up to {int(count.max())})",
+    )
+    index, mask = _pack(hit, min(k, hit.shape[-1]))
+    pad = (0, k - index.shape[-1])  # more slots than key cells: empty ones
+    return F.pad(index, pad), F.pad(mask, pad)
 
 
 def _plan(sizes: list[list[int]], n: int, hk: int, wk: int) -> list[tuple[_Samples, _Window]]:
@@ -250,6 +280,8 @@ def coordinate_match(
     query_shape: tuple[int, int],
     key_shape: tuple[int, int],
     threshold: float = 0.7,
+    *,
+    max_positives: int | None = None,
 ) -> Matches:
     """PixPro / PixContrast positives: all key cells within a distance threshold of each query cell.
 
@@ -276,22 +308,33 @@ def coordinate_match(
     positives are packed into the largest positive count ``k`` of the batch. Time and memory
     are ``O(B N k_x k_y)``, about ``O(B N k)``, with one host synchronization for ``k``.
 
+    With ``max_positives`` no shape depends on the data: every pair is compared and the result
+    has exactly ``max_positives`` slots, without a host synchronization, so
+    ``torch.compile(..., fullgraph=True)`` traces the matcher without a graph break (the
+    window sizes and ``k`` of the default are data-dependent). It costs ``O(B N M)`` time and
+    memory: meant for the small grids of compiled training steps (7 x 7, 14 x 14).
+
     Args:
         query_geometry: B query views (``B = 0`` gives an empty result).
         key_geometry: B key views of the same images.
         query_shape: ``(h_q, w_q)`` of the query feature map.
         key_shape: ``(h_k, w_k)`` of the key feature map.
         threshold: positive radius in units of the larger bin diagonal (PixPro's ``T = 0.7``).
+        max_positives: the number of slots ``k`` of the result, at least the largest positive
+            count of any query (a bound for the views of a training run), or ``None``: ``k`` is
+            the largest count of the batch.
 
     Returns:
         :class:`Matches` in the multi-positive form: ``key_index (B, N, k)`` long and
         ``key_mask (B, N, k)`` bool (positives first, ascending key index, 0 in unused slots;
-        ``k >= 1`` is the largest positive count in the batch), ``valid = key_mask.any(-1)``,
-        ``in_box (B, N)`` (the query center lies in the key view), ``weight`` ones (geometry
-        dtype) and ``key_shape``.
+        ``k >= 1`` is the largest positive count in the batch, or ``max_positives``),
+        ``valid = key_mask.any(-1)``, ``in_box (B, N)`` (the query center lies in the key view),
+        ``weight`` ones (geometry dtype) and ``key_shape``.
 
     Raises:
-        ValueError: ``threshold <= 0``, bad shapes, or geometries of different lengths.
+        ValueError: ``threshold <= 0``, ``max_positives < 1``, bad shapes, geometries of different
+            lengths, or a query with more than ``max_positives`` positives (on CUDA and under
+            ``torch.compile`` that last check is an asynchronous assert: ``RuntimeError``).
 
     Convention:
         Distances and radii are in normalized image coordinates; flips are handled by the
@@ -309,11 +352,17 @@ def coordinate_match(
                 [0, 0, 1, 0]], dtype=torch.int32)
         >>> coordinate_match(q[:0], k[:0], (2, 2), (2, 2)).key_index.shape  # an empty batch
         torch.Size([0, 4, 1])
+        >>> coordinate_match(q, k, (2, 2), (2, 2), max_positives=3).key_index  # fixed width
+        tensor([[[1, 0, 0],
+                 [0, 0, 0],
+                 [3, 0, 0],
+                 [2, 0, 0]]])
     """
     query_geometry, key_geometry = check_geometry_pair(query_geometry, key_geometry)
     hq, wq = check_grid_shape(query_shape, "query_shape")
     hk, wk = check_grid_shape(key_shape, "key_shape")
     threshold = check_positive(threshold, "threshold", note="(bin diagonals)")
+    check_int(max_positives, "max_positives", 1, allow_none=True)
     with torch.no_grad():
         b, n, m = len(query_geometry), hq * wq, hk * wk
         x_q, y_q, cell_q = _axes(query_geometry, hq, wq)
@@ -322,7 +371,9 @@ def coordinate_match(
         col_x, row_y, cell_k = _axes(key_geometry, hk, wk)  # (B, w_k), (B, h_k), (B, 2)
         radius = threshold * torch.maximum(_bin_diagonal(cell_q), _bin_diagonal(cell_k))
         in_box = key_geometry.contains(cq)
-        if b * n * m <= _DENSE_PAIRS:  # every pair: the positions in the grid are the key indices
+        if max_positives is not None:  # every pair, into a fixed number of slots
+            index, mask = _static(_hits(cq, col_x[:, None, :], row_y[:, None, :], radius), max_positives)
+        elif b * n * m <= _DENSE_PAIRS:  # every pair: the positions in the grid are the key indices
             index, mask = _pack(_hits(cq, col_x[:, None, :], row_y[:, None, :], radius))
         else:
             index, mask = _grouped(key_geometry, cq, col_x, row_y, cell_k, radius)
@@ -342,6 +393,8 @@ class CoordinateMatcher(nn.Module):
 
     Args:
         threshold: positive radius in units of the larger bin diagonal (``0.7`` as PixPro).
+        max_positives: fixed number of positive slots (every pair compared, no data-dependent
+            shape: for ``torch.compile``), or ``None`` (see :func:`coordinate_match`).
 
     Examples:
         >>> size = torch.tensor([64.0, 64.0])
@@ -349,11 +402,14 @@ class CoordinateMatcher(nn.Module):
         >>> m = CoordinateMatcher(0.7)(g, g, (7, 7), (14, 14))  # 4 key cells per query cell, plus 8 neighbours
         >>> m.key_index.shape, int(m.key_mask.sum(-1).max()), bool(m.valid.all())
         (torch.Size([1, 49, 12]), 12, True)
+        >>> CoordinateMatcher(0.7, max_positives=16)(g, g, (7, 7), (14, 14)).key_index.shape
+        torch.Size([1, 49, 16])
     """
 
-    def __init__(self, threshold: float = 0.7) -> None:
+    def __init__(self, threshold: float = 0.7, max_positives: int | None = None) -> None:
         super().__init__()
         self.threshold = check_positive(threshold, "threshold", note="(bin diagonals)")
+        self.max_positives = check_int(max_positives, "max_positives", 1, allow_none=True)
 
     def forward(
         self,
@@ -363,10 +419,12 @@ class CoordinateMatcher(nn.Module):
         key_shape: tuple[int, int],
     ) -> Matches:
         """See :func:`coordinate_match`."""
-        return coordinate_match(query_geometry, key_geometry, query_shape, key_shape, threshold=self.threshold)
+        return coordinate_match(
+            query_geometry, key_geometry, query_shape, key_shape, self.threshold, max_positives=self.max_positives
+        )
 
     def extra_repr(self) -> str:
-        return f"threshold={self.threshold}"
+        return f"threshold={self.threshold}, max_positives={self.max_positives}"
 
 
 # ---------------------------------------------------------------------- nearest-cell matcher

@@ -32,7 +32,7 @@ and new palettes (64-colour lookup tables) for every leaf. Leaves are rasterised
 centres by row runs: for every row a leaf crosses, the run of pixels inside it is solved in
 closed form, and all runs are written with one ``scatter_reduce`` that keeps the front-most
 leaf per pixel. No per-leaf image is made: an image costs a fixed number of tensor operations
-plus work proportional to its area (1.5 ms at 128 px on one core of a shared AMD EPYC, see
+plus work proportional to its area (1.6 to 2.6 ms at 128 px on one core of a shared AMD EPYC, see
 ``docs/benchmarks.md``).
 
 Classes: a leaf's class is its **(shape, texture) category**, ``num_classes`` of the 9 pairs in

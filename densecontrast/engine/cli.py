@@ -1,8 +1,4 @@
-"""The command line the reference scripts share, and the objects it builds: run start, data, schedule length.
-
-Each ``examples/<method>/train.py`` adds its own arguments to :func:`add_common_args`, then calls
-:func:`start_run` and :func:`build_pretraining_loader`; everything else of the run (model,
-optimiser, loop, checkpoints) is written out in the script.
+"""The command line the reference scripts share and what it builds: run start, data, schedule length, resume checks.
 
 Convention:
     ``--batch-size`` is **per process**; the global batch is ``batch_size * world_size``. A step
@@ -22,8 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from densecontrast.data.collate import collate_views
+from densecontrast.data.dead_leaves import DeadLeavesScenes
 from densecontrast.data.multiview import MultiViewDataset
 from densecontrast.data.sampling import SeededViews, ShardedSampler
+from densecontrast.data.synthetic import SyntheticScenes
 from densecontrast.engine.launch import DistInfo, ignore_preemption_signals, init_distributed
 from densecontrast.optim import OPTIMIZERS
 from densecontrast.random_state import seed_everything
@@ -51,6 +49,9 @@ MAY_CHANGE_ON_RESUME: frozenset[str] = frozenset({
 })
 """Arguments a resumed run may change; every other stored argument (data order, model, schedule) must match."""
 
+SYNTHETIC: dict[str, type] = {"dead-leaves": DeadLeavesScenes, "shapes": SyntheticScenes}
+"""``--synthetic`` choices: the built-in pre-training data used without ``--data``."""
+
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``--amp`` choices and the autocast dtype each selects (``None``: full precision)."""
 
@@ -66,6 +67,8 @@ def add_common_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpars
     """
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=None, help="folder of images (searched recursively); default: synthetic scenes")
+    g.add_argument("--synthetic", choices=list(SYNTHETIC), default="dead-leaves",
+                   help="built-in data without --data: dead-leaves (natural image statistics) or shapes")
     g.add_argument("--num-images", type=int, default=2048, help="synthetic scenes: dataset size")
     g.add_argument("--image-size", type=int, default=96, help="synthetic scenes: image side in pixels")
     g.add_argument("--num-classes", type=int, default=8, help="synthetic scenes: object classes")
@@ -140,10 +143,9 @@ def checkpointable_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def start_run(args: argparse.Namespace, method: str) -> DistInfo:
-    """Start a reference script's run: ``args.method``, default ``--output-dir runs/<method>``, process group, seeds.
+    """Start a script's run: ``args.method``, default ``--output-dir runs/<method>``, process group, seeds.
 
-    Initialises ``torch.distributed`` from the launcher's environment (one process without it),
-    removes temporary files of an interrupted checkpoint save, seeds every generator with
+    Also removes temporary files of an interrupted save, seeds every generator with
     ``seed + rank`` and, with ``--deterministic``, switches torch to deterministic algorithms.
 
     Examples:
@@ -167,21 +169,13 @@ def start_run(args: argparse.Namespace, method: str) -> DistInfo:
 def build_pretraining_loader(
     args: argparse.Namespace, transform: Callable[[Any], Any], info: DistInfo
 ) -> DataLoader:
-    """Pre-training data: synthetic scenes (default) or ``--data`` images, as resumable multi-view batches.
+    """Built-in scenes (``--synthetic``) or ``--data`` images as resumable ``(views, geometries)`` batches.
 
-    The dataset is a :class:`~densecontrast.data.sampling.SeededViews` and the sampler a
-    :class:`~densecontrast.data.sampling.ShardedSampler`, so
-    :func:`~densecontrast.data.sampling.step_batches` can start the loader at any step.
-
-    DataLoader workers ignore SIGTERM / SIGUSR1 (a signal to the whole process group, as SLURM
-    and ``timeout`` send, must not kill them before the main process has saved).
-
-    Returns:
-        A loader whose batches are ``(views, geometries)`` from
-        :func:`densecontrast.data.collate.collate_views`.
-
-    Raises:
-        RunError: ``--data`` is missing, holds no image, or no image in it can be decoded.
+    Dataset :class:`~densecontrast.data.sampling.SeededViews`, sampler
+    :class:`~densecontrast.data.sampling.ShardedSampler` (so ``step_batches`` starts at any step).
+    Workers ignore SIGTERM / SIGUSR1: a signal to the whole process group (SLURM, ``timeout``)
+    must not kill them before the main process has saved. A ``--data`` folder that is missing,
+    empty or unreadable raises ``RunError``.
     """
     if args.data:
         from densecontrast.data.image_folder import ImageDataset
@@ -192,9 +186,7 @@ def build_pretraining_loader(
         except (FileNotFoundError, ValueError, RuntimeError) as err:
             raise RunError(f"--data: {err}") from None
     else:
-        from densecontrast.data.synthetic import SyntheticScenes
-
-        base = SyntheticScenes(
+        base = SYNTHETIC[args.synthetic](
             num_images=args.num_images, image_size=args.image_size, num_classes=args.num_classes,
             seed=args.seed, return_mask=False,
         )
@@ -220,10 +212,7 @@ def schedule_length(args: argparse.Namespace, loader: DataLoader) -> int:
 
 
 def skipped_images(loader: DataLoader) -> int | None:
-    """Distinct unreadable images skipped so far by the image folder behind ``loader`` (``None`` for synthetic data).
-
-    Exact with DataLoader workers: the image folder keeps its record in shared memory.
-    """
+    """Distinct unreadable images skipped so far behind ``loader`` (exact with workers; ``None`` for built-in data)."""
     dataset: Any = loader.dataset
     while not hasattr(dataset, "num_skipped") and hasattr(dataset, "dataset"):
         dataset = dataset.dataset
@@ -232,11 +221,10 @@ def skipped_images(loader: DataLoader) -> int | None:
 
 
 def check_resume_args(stored: Mapping[str, Any], args: argparse.Namespace) -> None:
-    """Refuse a resume whose stored arguments differ from ``args`` in data order, model or schedule.
+    """Raise ``RunError`` when a checkpoint's method or data-order / model / schedule arguments differ from ``args``.
 
-    Raises:
-        RunError: naming the method that wrote the checkpoint when it is another one, else listing
-            each differing argument (``--force-resume`` skips the argument comparison).
+    The message names the method that wrote the checkpoint, or lists each differing argument
+    (``--force-resume`` skips the argument comparison, never the method check).
 
     Examples:
         >>> now = argparse.Namespace(method="pixcon", batch_size=4, resume="auto", force_resume=False)

@@ -126,22 +126,20 @@ def _hits(cq: Tensor, xs: Tensor, ys: Tensor, radius: Tensor) -> Tensor:
     return (d2.sqrt_() < radius[:, None, None, None]).flatten(2)
 
 
-def _pack(hit: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+def _pack(hit: Tensor) -> tuple[Tensor, Tensor]:
     """The positions of the True entries of every row, packed into ``k`` slots.
 
     Args:
         hit: ``(b, N, W)`` bool.
-        k: the number of slots (at most ``W``, at least every row's count), or ``None``: the
-            largest row count (at least 1), read on the host.
 
     Returns:
-        ``pos (b, N, k)`` long (ascending, 0 in unused slots) and ``mask (b, N, k)`` bool. Small
-        inputs and a given ``k`` use ``topk`` (fixed shapes), large ones ``nonzero`` (work
-        proportional to the True entries once they are found).
+        ``pos (b, N, k)`` long (ascending, 0 in unused slots) and ``mask (b, N, k)`` bool
+        (``k = max(1, largest row count)``). Small inputs use ``topk``, large ones ``nonzero``
+        (work proportional to the True entries once they are found).
     """
     b, n, w = hit.shape
-    if k is not None or hit.numel() <= _TOPK_PAIRS:
-        k = _width(hit.sum(-1)) if k is None else k
+    if hit.numel() <= _TOPK_PAIRS:
+        k = _width(hit.sum(-1))
         pos = torch.where(hit, torch.arange(w, device=hit.device), w).topk(k, dim=-1, largest=False).values
         mask = pos < w
         return torch.where(mask, pos, 0), mask
@@ -156,25 +154,58 @@ def _pack(hit: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
     return pos.view(b, n, k), mask.view(b, n, k)
 
 
-def _static(hit: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The positives of every pair packed into exactly ``k`` slots, with no host synchronization.
+@torch.library.custom_op("densecontrast::coordinate_pair_hits", mutates_args=())
+def _pair_hits(cq: Tensor, col_x: Tensor, row_y: Tensor, radius: Tensor) -> Tensor:
+    """Every (key cell, query) pair tested: ``(B, M, N)`` bool, queries innermost.
+
+    The operations of :func:`_hits` laid out along the long query axis. A custom operator, so
+    ``torch.compile`` computes the cell centers and radius once and calls these kernels,
+    instead of fusing the cell-center arithmetic into the loop over every pair.
 
     Args:
-        hit: ``(B, N, M)`` bool, every pair.
+        cq: ``(B, N, 2)`` image-space query centers.
+        col_x: ``(B, w_k)`` image-space x of the key columns.
+        row_y: ``(B, h_k)`` image-space y of the key rows.
+        radius: ``(B,)`` positive radius.
+    """
+    (b, n, _), m = cq.shape, row_y.shape[1] * col_x.shape[1]
+    dx = cq[:, None, :, 0] - col_x[:, :, None]  # (B, w_k, N)
+    dy = cq[:, None, :, 1] - row_y[:, :, None]  # (B, h_k, N)
+    d2 = (dy * dy)[:, :, None, :] + (dx * dx)[:, None, :, :]  # (B, h_k, w_k, N)
+    return (d2.sqrt_() < radius[:, None, None, None]).view(b, m, n)
+
+
+@_pair_hits.register_fake
+def _pair_hits_shape(cq: Tensor, col_x: Tensor, row_y: Tensor, radius: Tensor) -> Tensor:
+    return cq.new_empty((cq.shape[0], row_y.shape[1] * col_x.shape[1], cq.shape[1]), dtype=torch.bool)
+
+
+def _static(cq: Tensor, col_x: Tensor, row_y: Tensor, radius: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Every pair tested and packed into exactly ``k`` slots: fixed shapes, no host synchronization.
+
+    Args:
+        cq: ``(B, N, 2)`` image-space query centers.
+        col_x: ``(B, w_k)`` image-space x of the key columns.
+        row_y: ``(B, h_k)`` image-space y of the key rows.
+        radius: ``(B,)`` positive radius.
         k: the number of slots; no query may have more positives (checked: ``ValueError``, or an
             asynchronous assert on CUDA and under ``torch.compile``).
 
     Returns:
         ``key_index (B, N, k)`` and ``key_mask (B, N, k)`` as :func:`coordinate_match`.
     """
-    count = hit.sum(-1)
+    hit = _pair_hits(cq, col_x, row_y, radius)  # (B, M, N)
+    m = hit.shape[1]
+    count = hit.sum(1)
     _check_elementwise(
         count, count <= k, f"max_positives = {k} must be at least every query's number of positives",
         lambda bad: f"{int(bad.sum())} queries with more (up to {int(count.max())})",
     )
-    index, mask = _pack(hit, min(k, hit.shape[-1]))
-    pad = (0, k - index.shape[-1])  # more slots than key cells: empty ones
-    return F.pad(index, pad), F.pad(mask, pad)
+    key = torch.arange(m, device=cq.device)[:, None]
+    pos = torch.where(hit, key, m).topk(min(k, m), dim=1, largest=False).values.transpose(1, 2)  # (B, N, k)
+    mask = pos < m
+    pad = (0, k - pos.shape[-1])  # more slots than key cells: empty ones
+    return F.pad(torch.where(mask, pos, 0), pad), F.pad(mask, pad)
 
 
 def _plan(sizes: list[list[int]], n: int, hk: int, wk: int) -> list[tuple[_Samples, _Window]]:
@@ -372,7 +403,7 @@ def coordinate_match(
         radius = threshold * torch.maximum(_bin_diagonal(cell_q), _bin_diagonal(cell_k))
         in_box = key_geometry.contains(cq)
         if max_positives is not None:  # every pair, into a fixed number of slots
-            index, mask = _static(_hits(cq, col_x[:, None, :], row_y[:, None, :], radius), max_positives)
+            index, mask = _static(cq, col_x, row_y, radius, max_positives)
         elif b * n * m <= _DENSE_PAIRS:  # every pair: the positions in the grid are the key indices
             index, mask = _pack(_hits(cq, col_x[:, None, :], row_y[:, None, :], radius))
         else:

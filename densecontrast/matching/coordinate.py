@@ -76,9 +76,11 @@ def _axes(geometry: ViewGeometry, h: int, w: int) -> tuple[Tensor, Tensor, Tenso
         ``x (B, w)``, ``y (B, h)`` and ``cell (B, 2)`` (width, height).
     """
     scale, offset = geometry._scale_offset()  # (B, 2) each: the map of ViewGeometry.to_image
-    centers = ViewGeometry.view_grid(h, w, device=geometry.device, dtype=geometry.dtype)  # (h * w, 2)
-    x = centers[:w, 0] * scale[:, 0:1] + offset[:, 0:1]
-    y = centers[::w, 1] * scale[:, 1:2] + offset[:, 1:2]
+    # view-space centers (j + 0.5) / w and (i + 0.5) / h, as ViewGeometry.view_grid
+    xs = (torch.arange(w, device=scale.device, dtype=scale.dtype) + 0.5) / w
+    ys = (torch.arange(h, device=scale.device, dtype=scale.dtype) + 0.5) / h
+    x = xs * scale[:, 0:1] + offset[:, 0:1]
+    y = ys * scale[:, 1:2] + offset[:, 1:2]
     return x, y, scale.abs() / scale.new_tensor([w, h])
 
 

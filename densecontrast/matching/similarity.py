@@ -63,6 +63,12 @@ def _resolve_shape(name: str, from_map: tuple[int, int] | None, given: object, n
     return shape
 
 
+def _assemble(tiles: list[tuple[Tensor, Tensor, Tensor]], per_row: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(B, N)`` results from the ``(b, n)`` tiles of the steps, ``per_row`` query chunks per batch step."""
+    rows = [tiles[r:r + per_row] for r in range(0, len(tiles), per_row)]
+    return tuple(torch.cat([torch.cat([t[i] for t in row], 1) for row in rows]) for i in range(3))  # type: ignore[return-value]
+
+
 def similarity_match(
     query_features: Tensor,
     key_features: Tensor,
@@ -163,9 +169,7 @@ def similarity_match(
 
     dtype = compute_dtype(q, k)
     device = q.device
-    index = torch.empty(b, n, dtype=torch.long, device=device)
-    sim = torch.empty(b, n, dtype=dtype, device=device)
-    best = torch.empty(b, n, dtype=dtype, device=device)
+    tiles = []  # (key index, similarity, best score) of each step, row-major over (batch, query) steps
     per_step = max(1, chunk_size // n)  # whole images per step while N <= chunk_size
     step_n = min(n, chunk_size)
     # Normalized copies are made per step only, so memory stays ~ chunk_size * (M + C) floats.
@@ -193,9 +197,8 @@ def similarity_match(
                     score, idx = torch.max(scores, dim=-1)
                     matched = torch.gather(kn, 1, idx[..., None].expand(-1, -1, c))
                     val = (qn * matched).sum(-1)
-                index[b0:b1, n0:n1] = idx
-                sim[b0:b1, n0:n1] = val
-                best[b0:b1, n0:n1] = score
+                tiles.append((idx, val, score))
+        index, sim, best = tiles[0] if len(tiles) == 1 else _assemble(tiles, -(-n // step_n))
         # NaN for a non-finite query (it propagates through max), -inf when the image has no finite key
         valid = torch.isfinite(best)
         sim = sim.masked_fill_(~valid, torch.nan)

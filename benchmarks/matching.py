@@ -1,28 +1,43 @@
-"""Benchmark of the coordinate and similarity matchers against their naive full-matrix paths.
+"""Matchers against their brute-force formulations, over a sweep of grid sizes and batch sizes.
 
-(a) :func:`densecontrast.matching.coordinate_match` (analytic window, ``O(N k)``) against the
-PixPro-style brute force: the full ``(B, N, M)`` distance matrix between all query and key cell
-centers, then the threshold. Both use the same float operations, and the positive sets are
-asserted identical at every grid size up to ``--check-max`` (``to_dense``).
+Each matcher is timed against the simplest correct code that computes the same
+:class:`~densecontrast.matching.Matches` from the full ``(B, N, M)`` query-key matrix:
 
-(b) :func:`densecontrast.matching.similarity_match` (query chunks, ``chunk_size`` rows at once)
-against the naive path: the full ``(B, N, M)`` cosine-similarity matrix (one ``bmm``) and its
-``max`` over keys. Features are ``C = --channels`` (default 256) channels, float32. Indices are
-asserted identical at grids up to ``--check-max``.
+(a) :func:`~densecontrast.matching.coordinate_match` (PixPro positives, ``T = 0.7``). Brute force: every
+    distance with the documented formula (:func:`~densecontrast.matching.center_distance` on the
+    ``(B, N, M, 2)`` differences), ``< radius``, then packed (a stable ``sort`` puts the positives
+    first, ``[..., :k]``), ``in_box`` from ``contains`` and the public ``Matches`` constructor.
+    "mask only" is the bare ``(B, N, M)`` boolean matrix of the same distances, without packing,
+    ``in_box`` or ``Matches``: a lower bound of any brute force, reported for reference. The
+    positive sets are asserted identical (key indices and masks) wherever the brute force runs.
+(b) :func:`~densecontrast.matching.nearest_coordinate_match`. Brute force: the ``argmin`` of every
+    distance, ``key_points`` from ``to_cells``, ``in_box``, ``Matches``. The matched cells are
+    asserted equal except where two cells are equally near up to 1e-6 (float ties).
+(c) :func:`~densecontrast.matching.similarity_match` (cosine, ``chunk_size=1024``, C = ``--channels``
+    float32 channels). Brute force: one ``bmm`` of the normalized features, NaN scores (non-finite
+    features) set to ``-inf``, its ``max``, then ``Matches``. Indices are asserted identical.
 
 View pairs are random-resized crops (scale (0.08, 1), ratio (3/4, 4/3)) of 640 x 480 images with
-random flips; query and key grids have the same size ``g x g``.
+random flips; query and key grids are both ``g x g``.
 
-Time: the minimum wall-clock time over ``--repeat`` runs (after one warm-up run on small grids).
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated before the
-call; on CPU, :class:`LiveTensorBytes`, a ``TorchDispatchMode`` that adds the bytes of every
-tensor storage an operator creates inside the call and subtracts them when the last tensor using
-the storage is freed (weak-reference finalizers), and reports the maximum. Storages of the inputs
-are not counted. Memory is measured in a separate run from timing (the mode slows ops down).
+Time: the minimum over ``--repeat`` rounds (after one warm-up call of each), the brute force and
+ours alternating within a round, in thread CPU seconds (``time.thread_time``: what one core spends,
+robust to other processes on a shared machine) or wall-clock seconds with ``--wall``. Peak
+memory: the most bytes of live tensors created during one call, counted by
+:class:`live_memory.LiveTensorBytes` (inputs excluded, outputs included), in a separate call.
+A brute force that would exceed ``--max-pairs`` query-key pairs runs on the largest sub-batch
+that fits and its time and memory are scaled by ``B / b`` (both are linear in the batch); such
+entries are marked ``~``. The similarity matcher does the same arithmetic as its brute force, so
+above ``--max-pairs`` both run on the sub-batch.
+
+The table for (a) also names the path the cost model of ``coordinate_match`` took ("dense": every
+pair; "windows (G)": per-sample key-cell windows in G groups) and the script ends with the
+crossover: per batch size, the smallest grid that uses windows.
 
 Usage::
 
-    python benchmarks/matching.py --device cpu --batch 64 --grids 7 14 28 56 --repeat 3 --threads 1
+    python benchmarks/matching.py --threads 1 --repeat 3            # the full sweep, about 30 minutes
+    python benchmarks/matching.py --batches 64 --grids 7 14 28 56 --matchers coordinate
 """
 
 from __future__ import annotations
@@ -33,13 +48,24 @@ import math
 import platform
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from live_memory import LiveTensorBytes
 
 from densecontrast.geometry import ViewGeometry
-from densecontrast.matching import coordinate_match, similarity_match
+from densecontrast.matching import (
+    Matches,
+    center_distance,
+    coordinate,
+    coordinate_match,
+    nearest_coordinate_match,
+    similarity_match,
+)
+
+GRIDS = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64]
+CLOCK: Callable[[], float] = time.thread_time
 
 
 def random_resized_crops(b: int, gen: torch.Generator, width: float = 640.0, height: float = 480.0) -> ViewGeometry:
@@ -56,57 +82,76 @@ def random_resized_crops(b: int, gen: torch.Generator, width: float = 640.0, hei
     return ViewGeometry.from_crops(boxes, flips, torch.tensor([width, height]))
 
 
-def brute_force_coordinate(qg: ViewGeometry, kg: ViewGeometry, g: int, threshold: float = 0.7) -> torch.Tensor:
-    """PixPro-style positives: full (B, N, M) distances, then ``< T * max bin diagonal``."""
+# ---------------------------------------------------------------------- brute forces
+def _radius(qg: ViewGeometry, kg: ViewGeometry, g: int, threshold: float) -> torch.Tensor:
+    diag_q = torch.linalg.vector_norm(qg.cell_size(g, g), dim=-1)
+    diag_k = torch.linalg.vector_norm(kg.cell_size(g, g), dim=-1)
+    return threshold * torch.maximum(diag_q, diag_k)
+
+
+def mask_only_coordinate(qg: ViewGeometry, kg: ViewGeometry, g: int, threshold: float = 0.7) -> torch.Tensor:
+    """The bare ``(B, N, M)`` positive matrix: every distance, ``< T * max bin diagonal``."""
+    dist = center_distance(qg.grid(g, g)[:, :, None, :], kg.grid(g, g)[:, None, :, :])
+    return dist < _radius(qg, kg, g, threshold)[:, None, None]
+
+
+def brute_force_coordinate(qg: ViewGeometry, kg: ViewGeometry, g: int, threshold: float = 0.7) -> Matches:
+    """``coordinate_match`` from the full matrix: the mask, packed by a stable sort, and ``in_box``."""
     cq, ck = qg.grid(g, g), kg.grid(g, g)
+    dense = center_distance(cq[:, :, None, :], ck[:, None, :, :]) < _radius(qg, kg, g, threshold)[:, None, None]
+    count = dense.sum(-1)
+    k = max(int(count.max()), 1) if count.numel() else 1
+    index = torch.sort(dense.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :k]
+    mask = torch.arange(k) < count[..., None]
+    b, n = count.shape
+    return Matches(valid=count > 0, weight=torch.ones(b, n, dtype=cq.dtype), key_index=torch.where(mask, index, 0),
+                   key_mask=mask, in_box=kg.contains(cq), key_shape=(g, g))
 
-    def sq(t: torch.Tensor) -> torch.Tensor:
-        return t * t
 
-    dist = torch.sqrt(sq(cq[:, :, None, 0] - ck[:, None, :, 0]) + sq(cq[:, :, None, 1] - ck[:, None, :, 1]))
-    diag = torch.maximum(torch.linalg.vector_norm(qg.cell_size(g, g), dim=-1),
-                         torch.linalg.vector_norm(kg.cell_size(g, g), dim=-1))
-    return dist < (threshold * diag)[:, None, None]
+def brute_force_nearest(qg: ViewGeometry, kg: ViewGeometry, g: int) -> Matches:
+    """``nearest_coordinate_match`` from the full matrix: the ``argmin`` of every distance."""
+    cq, ck = qg.grid(g, g), kg.grid(g, g)
+    index = center_distance(cq[:, :, None, :], ck[:, None, :, :]).argmin(-1)
+    in_box = kg.contains(cq)
+    b, n = in_box.shape
+    return Matches(valid=in_box, weight=torch.ones(b, n, dtype=cq.dtype), key_index=index,
+                   key_points=kg.to_cells(cq, g, g), in_box=in_box, key_shape=(g, g))
 
 
-def naive_similarity(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full (B, N, M) cosine similarity, then max over keys."""
+def brute_force_similarity(q: torch.Tensor, k: torch.Tensor) -> Matches:
+    """``similarity_match`` from the full ``(B, N, M)`` cosine matrix (one ``bmm``) and its ``max``.
+
+    With the matcher's rule for non-finite features: their NaN scores never win, and a query whose
+    best score is not finite is invalid with similarity NaN.
+    """
     qn = F.normalize(q.flatten(2).transpose(1, 2), dim=-1)
     kn = F.normalize(k.flatten(2), dim=1)
-    return torch.bmm(qn, kn).max(-1)
+    scores = torch.bmm(qn, kn).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    sim, index = scores.max(-1)
+    valid = torch.isfinite(sim)
+    b, n = index.shape
+    return Matches(valid=valid, weight=torch.ones(b, n), key_index=index,
+                   similarity=sim.masked_fill(~valid, math.nan), key_shape=tuple(k.shape[2:]))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeat: int, warmup: bool) -> float:
-    if warmup:
+# ---------------------------------------------------------------------- measurement
+def best_times(fns: list[Callable[[], object]], repeat: int) -> list[float]:
+    """Minimum time of each function over ``repeat`` rounds (one warm-up call each, then alternating)."""
+    for fn in fns:
         fn()
-    best = math.inf
+    best = [math.inf] * len(fns)
     for _ in range(repeat):
-        gc.collect()
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-        del out
+        for i, fn in enumerate(fns):
+            gc.collect()
+            t0 = CLOCK()
+            out = fn()
+            best[i] = min(best[i], CLOCK() - t0)
+            del out
     return best
 
 
-def peak_bytes(fn: Callable[[], object], device: torch.device, inputs: list[torch.Tensor]) -> int:
+def peak_bytes(fn: Callable[[], object], inputs: tuple[torch.Tensor, ...] = ()) -> int:
     gc.collect()
-    if device.type == "cuda":
-        sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = fn()
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del out
-        return peak
     with LiveTensorBytes(*inputs) as mode:
         out = fn()
     del out
@@ -114,89 +159,160 @@ def peak_bytes(fn: Callable[[], object], device: torch.device, inputs: list[torc
     return mode.peak
 
 
-def fmt_mb(n: int) -> str:
-    return f"{n / 2**20:,.1f}"
+def sub_batch(b: int, pairs_per_sample: int, max_pairs: int) -> int:
+    """The largest batch ``<= b`` with at most ``max_pairs`` pairs (at least 1)."""
+    return max(1, min(b, max_pairs // max(pairs_per_sample, 1)))
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.2f}" if n < 2**20 else f"{n / 2**20:,.1f}"
+
+
+def ms(t: float) -> str:
+    return f"{t * 1e3:,.3f}" if t < 0.01 else f"{t * 1e3:,.1f}"
+
+
+def coordinate_path(qg: ViewGeometry, kg: ViewGeometry, g: int) -> str:
+    """The path the cost model of ``coordinate_match`` takes: "dense" or "windows (groups)"."""
+    plans = []
+    plan = coordinate._plan
+
+    def record(*args: object) -> list:
+        plans.append(plan(*args))  # type: ignore[arg-type]
+        return plans[-1]
+
+    coordinate._plan = record
+    try:
+        coordinate_match(qg, kg, (g, g), (g, g))
+    finally:
+        coordinate._plan = plan
+    if not plans or all(window is None for _, window in plans[0]):
+        return "dense"
+    return f"windows ({len(plans[0])})"
+
+
+# ---------------------------------------------------------------------- sections
+def run_coordinate(batches: list[int], grids: list[int], repeat: int, max_pairs: int) -> None:
+    print("(a) coordinate_match (T = 0.7) against the brute force; query and key grids g x g\n")
+    print("| grid | B | path | brute force ms | mask only ms | ours ms | speed-up | vs mask only "
+          "| brute force peak MiB | ours peak MiB | memory ratio | k |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    crossover: dict[int, int | None] = {}
+    for b in batches:
+        gen = torch.Generator().manual_seed(b)
+        qg, kg = random_resized_crops(b, gen), random_resized_crops(b, gen)
+        crossover[b] = None
+        for g in grids:
+            nb = sub_batch(b, g**4, max_pairs)
+            scale, mark = b / nb, "~" if nb < b else ""
+            qs, ks = qg[:nb] if nb < b else qg, kg[:nb] if nb < b else kg
+            ours = coordinate_match(qg, kg, (g, g), (g, g))
+            part = ours if nb == b else coordinate_match(qs, ks, (g, g), (g, g))
+            ref = brute_force_coordinate(qs, ks, g)
+            k = ref.key_index.shape[-1]
+            assert torch.equal(part.key_index[..., :k], ref.key_index), f"indices differ at {g}x{g}, B={b}"
+            assert torch.equal(part.key_mask[..., :k], ref.key_mask) and not bool(part.key_mask[..., k:].any())
+            del ref, part
+            brute = partial(brute_force_coordinate, qs, ks, g)
+            ours_call = partial(coordinate_match, qg, kg, (g, g), (g, g))
+            t_brute, t_mask, t_ours = best_times([brute, partial(mask_only_coordinate, qs, ks, g), ours_call], repeat)
+            t_brute, t_mask = t_brute * scale, t_mask * scale
+            m_brute = peak_bytes(brute) * scale
+            m_ours = peak_bytes(ours_call)
+            path = coordinate_path(qg, kg, g)
+            if crossover[b] is None and path != "dense":
+                crossover[b] = g
+            print(f"| {g}x{g} | {b} | {path} | {mark}{ms(t_brute)} | {mark}{ms(t_mask)} | {ms(t_ours)} "
+                  f"| **{t_brute / t_ours:,.2f}x** | {t_mask / t_ours:,.2f}x | {mark}{mib(m_brute)} | {mib(m_ours)} "
+                  f"| {m_brute / max(m_ours, 1):,.1f}x | {ours.key_index.shape[-1]} |", flush=True)
+    print("\nCost model of coordinate_match (pairs = B * N * M query-key pairs): every pair is tested up to "
+          f"{coordinate._DENSE_PAIRS:,} pairs; above, windows when they cost fewer pairs, counting "
+          f"{coordinate._WINDOW_SETUP_PAIRS:,} pairs to set them up and {coordinate._GROUP_PAIRS:,} per group "
+          f"(at most {coordinate._CHUNK_PAIRS:,} pairs a group); packing by topk up to "
+          f"{coordinate._TOPK_PAIRS:,} pairs, by nonzero above.")
+    print("Crossover (smallest grid that uses windows): " + ", ".join(
+        f"B={b}: {'none' if g is None else f'{g}x{g}'}" for b, g in crossover.items()) + "\n")
+
+
+def run_nearest(batches: list[int], grids: list[int], repeat: int, max_pairs: int) -> None:
+    print("(b) nearest_coordinate_match against the brute force (argmin over every key cell)\n")
+    print("| grid | B | brute force ms | ours ms | speed-up | brute force peak MiB | ours peak MiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for b in batches:
+        gen = torch.Generator().manual_seed(b)
+        qg, kg = random_resized_crops(b, gen), random_resized_crops(b, gen)
+        for g in grids:
+            nb = sub_batch(b, g**4, max_pairs)
+            scale, mark = b / nb, "~" if nb < b else ""
+            qs, ks = qg[:nb] if nb < b else qg, kg[:nb] if nb < b else kg
+            ref = brute_force_nearest(qs, ks, g)
+            got = nearest_coordinate_match(qs, ks, (g, g), (g, g))
+            if not torch.equal(got.key_index, ref.key_index):  # only float ties may differ
+                cq, ck = qs.grid(g, g), ks.grid(g, g)
+                pick = [torch.gather(ck, 1, m.key_index[..., None].expand(-1, -1, 2)) for m in (got, ref)]
+                gap = center_distance(cq, pick[0]) - center_distance(cq, pick[1])
+                assert float(gap.abs().max()) < 1e-6, f"nearest cells differ at {g}x{g}, B={b}"
+            del ref, got
+            brute = partial(brute_force_nearest, qs, ks, g)
+            ours_call = partial(nearest_coordinate_match, qg, kg, (g, g), (g, g))
+            t_brute, t_ours = best_times([brute, ours_call], repeat)
+            t_brute *= scale
+            m_brute = peak_bytes(brute) * scale
+            m_ours = peak_bytes(ours_call)
+            print(f"| {g}x{g} | {b} | {mark}{ms(t_brute)} | {ms(t_ours)} | **{t_brute / t_ours:,.2f}x** "
+                  f"| {mark}{mib(m_brute)} | {mib(m_ours)} | {m_brute / max(m_ours, 1):,.1f}x |", flush=True)
+    print()
+
+
+def run_similarity(batches: list[int], grids: list[int], repeat: int, max_pairs: int, channels: int) -> None:
+    print(f"(c) similarity_match (cosine, C = {channels} float32 channels, chunk_size 1024) against the brute "
+          "force (one bmm and its max)\n")
+    print("| grid | B | brute force ms | ours ms | speed-up | brute force peak MiB | ours peak MiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for b in batches:
+        for g in grids:
+            nb = sub_batch(b, g**4, max_pairs)
+            scale, mark = b / nb, "~" if nb < b else ""
+            fgen = torch.Generator().manual_seed(g)
+            q = torch.randn(nb, channels, g, g, generator=fgen)
+            k = torch.randn(nb, channels, g, g, generator=fgen)
+            assert torch.equal(similarity_match(q, k).key_index, brute_force_similarity(q, k).key_index)
+            brute, ours_call = partial(brute_force_similarity, q, k), partial(similarity_match, q, k)
+            t_brute, t_ours = best_times([brute, ours_call], repeat)
+            m_brute = peak_bytes(brute, (q, k)) * scale
+            m_ours = peak_bytes(ours_call, (q, k)) * scale
+            print(f"| {g}x{g} | {b} | {mark}{ms(t_brute * scale)} | {mark}{ms(t_ours * scale)} "
+                  f"| **{t_brute / t_ours:,.2f}x** | {mark}{mib(m_brute)} | {mark}{mib(m_ours)} "
+                  f"| {m_brute / max(m_ours, 1):,.1f}x |", flush=True)
+    print()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--grids", type=int, nargs="+", default=[7, 14, 28, 56])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--grids", type=int, nargs="+", default=GRIDS)
+    parser.add_argument("--matchers", nargs="+", choices=["coordinate", "nearest", "similarity"],
+                        default=["coordinate", "nearest", "similarity"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--channels", type=int, default=256)
-    parser.add_argument("--chunk-size", type=int, default=1024)
-    parser.add_argument("--check-max", type=int, default=28, help="assert identical results up to this grid")
+    parser.add_argument("--max-pairs", type=int, default=1 << 24,
+                        help="largest brute force run (B * N * M pairs); larger ones run a sub-batch and scale")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--skip", choices=["coordinate", "similarity"], nargs="*", default=[])
+    parser.add_argument("--wall", action="store_true", help="wall-clock instead of thread CPU time")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    global CLOCK
+    if args.wall:
+        CLOCK = time.perf_counter
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
-    b = args.batch
-    qg = random_resized_crops(b, gen).to(device)
-    kg = random_resized_crops(b, gen).to(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    print(f"device: {device.type} ({name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"batch {b}, repeat {args.repeat}\n")
-
-    if "coordinate" not in args.skip:
-        print("(a) coordinate matching, threshold 0.7, query and key grids g x g\n")
-        print("| grid | B | brute force ms | ours ms | speed-up | brute force peak MiB | ours peak MiB "
-              "| memory ratio | k | identical |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for g in args.grids:
-            def fast(g: int = g) -> object:
-                return coordinate_match(qg, kg, (g, g), (g, g))
-
-            def brute(g: int = g) -> object:
-                return brute_force_coordinate(qg, kg, g)
-
-            same = "not checked"
-            if g <= args.check_max:
-                m = fast()
-                ok = torch.equal(m.to_dense(g * g), brute())
-                assert ok, f"positive sets differ at grid {g}"
-                same = "yes"
-            k = fast().key_index.shape[-1]
-            t_fast = timed(fast, device, args.repeat, warmup=g <= 28)
-            t_brute = timed(brute, device, args.repeat, warmup=g <= 28)
-            m_fast = peak_bytes(fast, device, [])
-            m_brute = peak_bytes(brute, device, [])
-            print(f"| {g}x{g} | {b} | {t_brute * 1e3:,.1f} | {t_fast * 1e3:,.1f} | {t_brute / t_fast:,.1f}x "
-                  f"| {fmt_mb(m_brute)} | {fmt_mb(m_fast)} | {m_brute / max(m_fast, 1):,.1f}x | {k} | {same} |",
-                  flush=True)
-        print()
-
-    if "similarity" not in args.skip:
-        print(f"(b) similarity matching, C = {args.channels} float32 features, chunk_size {args.chunk_size}\n")
-        print("| grid | B | naive ms | ours ms | time ratio (ours / naive) | naive peak MiB | ours peak MiB "
-              "| memory ratio (ours / naive) | identical |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for g in args.grids:
-            fgen = torch.Generator().manual_seed(g)
-            q = torch.randn(b, args.channels, g, g, generator=fgen).to(device)
-            k = torch.randn(b, args.channels, g, g, generator=fgen).to(device)
-
-            def ours(q: torch.Tensor = q, k: torch.Tensor = k) -> object:
-                return similarity_match(q, k, chunk_size=args.chunk_size)
-
-            def naive(q: torch.Tensor = q, k: torch.Tensor = k) -> object:
-                return naive_similarity(q, k)
-
-            same = "not checked"
-            if g <= args.check_max:
-                ok = torch.equal(ours().key_index, naive()[1])
-                assert ok, f"indices differ at grid {g}"
-                same = "yes"
-            t_ours = timed(ours, device, args.repeat, warmup=g <= 28)
-            t_naive = timed(naive, device, args.repeat, warmup=g <= 28)
-            m_ours = peak_bytes(ours, device, [q, k])
-            m_naive = peak_bytes(naive, device, [q, k])
-            print(f"| {g}x{g} | {b} | {t_naive * 1e3:,.1f} | {t_ours * 1e3:,.1f} | {t_ours / t_naive:.2f} "
-                  f"| {fmt_mb(m_naive)} | {fmt_mb(m_ours)} | {m_ours / max(m_naive, 1):.3f} | {same} |", flush=True)
-            del q, k
+    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; {'wall-clock' if args.wall else 'thread CPU'} time, best of {args.repeat}\n")
+    if "coordinate" in args.matchers:
+        run_coordinate(args.batches, args.grids, args.repeat, args.max_pairs)
+    if "nearest" in args.matchers:
+        run_nearest(args.batches, args.grids, args.repeat, args.max_pairs)
+    if "similarity" in args.matchers:
+        run_similarity(args.batches, args.grids, args.repeat, args.max_pairs, args.channels)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,11 @@ def location_match(
     Images whose views do not overlap (zero-area intersection) get ``valid = False`` for all
     points (their points are finite but meaningless); this is not an error.
 
+    Under ``torch.compile`` this matcher is not one graph: :meth:`ViewGeometry.overlap` checks that
+    both geometries describe the same images with ``torch.allclose`` (a value read on the host), and
+    a ``generator`` argument cannot be traced. It runs without gradient on ``(B, N, 2)`` points, so
+    call it outside the compiled region (the losses that read its points compile).
+
     Args:
         query_geometry: B query views.
         key_geometry: B key views of the same images.

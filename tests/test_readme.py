@@ -10,7 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/index.md", "docs/geometry.md", "docs/training.md", "docs/evaluation.md"])
+PAGES = ["README.md", "docs/index.md", "docs/geometry.md", "docs/training.md", "docs/evaluation.md"]
+
+
+@pytest.mark.parametrize("page", PAGES)
 def test_python_examples_run(page: str) -> None:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)
     assert blocks, f"{page} has no python example"

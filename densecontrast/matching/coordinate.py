@@ -94,8 +94,8 @@ def _grid(x: Tensor, y: Tensor) -> Tensor:
 # a nanosecond on one CPU core; a group of tensor operations about 20 microseconds, whatever its size.
 # benchmarks/matching.py prints the sweep these were read from and the crossover they give.
 _DENSE_PAIRS = 1 << 15  # up to B * N * M pairs, test every pair: nothing to set up
-_WINDOW_SETUP_PAIRS = 1 << 14  # fixed cost of the windows: key-cell coordinates, sizes, one host read
-_GROUP_PAIRS = 1 << 14  # fixed cost of one group of samples tested together
+_WINDOW_SETUP_PAIRS = 1 << 16  # fixed cost of the windows: key-cell coordinates, sizes, one host read
+_GROUP_PAIRS = 1 << 16  # fixed cost of one group of samples tested together
 _CHUNK_PAIRS = 1 << 21  # at most this many pairs tested at once: bounds the temporaries (~10 bytes a pair)
 _TOPK_PAIRS = 1 << 14  # pack by topk up to this many pairs, by nonzero above
 
@@ -128,32 +128,42 @@ def _hits(cq: Tensor, xs: Tensor, ys: Tensor, radius: Tensor) -> Tensor:
     return (d2.sqrt_() < radius[:, None, None, None]).flatten(2)
 
 
-def _pack(hit: Tensor) -> tuple[Tensor, Tensor]:
-    """The positions of the True entries of every row, packed into ``k`` slots.
+def _pack(hit: Tensor, window: tuple[Tensor, Tensor, int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """The key cells of the True entries of every row, packed into ``k`` slots.
 
     Args:
-        hit: ``(b, N, W)`` bool.
+        hit: ``(b, N, k_y * k_x)`` bool over a row-major window of key cells of each query.
+        window: ``(x0, y0, k_x, w_k)``: the window's first key column and row ``(b, N)``, its
+            width and the grid width; ``None`` when the window is the whole grid (positions are
+            key indices). Window positions ascend with the key index.
 
     Returns:
-        ``pos (b, N, k)`` long (ascending, 0 in unused slots) and ``mask (b, N, k)`` bool
-        (``k = max(1, largest row count)``). Small inputs use ``topk``, large ones ``nonzero``
-        (work proportional to the True entries once they are found).
+        ``key_index (b, N, k)`` long (ascending, 0 in unused slots) and ``key_mask (b, N, k)``
+        bool (``k = max(1, largest row count)``). Small inputs use ``topk``, large ones
+        ``nonzero``, whose work after finding the True entries is proportional to their number.
     """
     b, n, w = hit.shape
     if hit.numel() <= _TOPK_PAIRS:
         k = _width(hit.sum(-1))
         pos = torch.where(hit, torch.arange(w, device=hit.device), w).topk(k, dim=-1, largest=False).values
         mask = pos < w
+        if window is not None:
+            x0, y0, kx, wk = window
+            pos = (y0[..., None] + pos // kx) * wk + x0[..., None] + pos % kx
         return torch.where(mask, pos, 0), mask
     flat = hit.reshape(-1).nonzero().squeeze(1)  # ascending
-    row = torch.div(flat, w, rounding_mode="floor")
+    row = torch.div(flat, w, rounding_mode="floor")  # the query (of b * N)
     count = torch.bincount(row, minlength=b * n)
     k = _width(count)
     slot = torch.arange(flat.numel(), device=hit.device) - (count.cumsum(0) - count)[row]
-    pos = torch.zeros(b * n * k, dtype=torch.long, device=hit.device)
-    pos[row * k + slot] = flat - row * w
+    pos = flat - row * w
+    if window is not None:
+        x0, y0, kx, wk = window
+        pos = (y0.reshape(-1)[row] + pos // kx) * wk + x0.reshape(-1)[row] + pos % kx
+    index = torch.zeros(b * n * k, dtype=torch.long, device=hit.device)
+    index[row * k + slot] = pos
     mask = torch.arange(k, device=hit.device) < count[:, None]
-    return pos.view(b, n, k), mask.view(b, n, k)
+    return index.view(b, n, k), mask.view(b, n, k)
 
 
 @torch.library.custom_op("densecontrast::coordinate_pair_hits", mutates_args=())
@@ -292,9 +302,7 @@ def _grouped(
             rows = y0[..., None] + torch.arange(ky, device=cq.device)
             xs = torch.gather(col_x[sel], 1, cols.view(bs, -1)).view(bs, n, kx)
             ys = torch.gather(row_y[sel], 1, rows.view(bs, -1)).view(bs, n, ky)
-            pos, mask = _pack(_hits(cq[sel], xs, ys, radius[sel]))
-            # window positions ascend with the key index (row-major window inside the grid)
-            key = torch.where(mask, (y0[..., None] + pos // kx) * wk + x0[..., None] + pos % kx, 0)
+            key, mask = _pack(_hits(cq[sel], xs, ys, radius[sel]), (x0, y0, kx, wk))
         parts.append((sel, key, mask))
     if len(parts) == 1:
         return parts[0][1], parts[0][2]

@@ -20,9 +20,10 @@ Each matcher is timed against the simplest correct code that computes the same
 View pairs are random-resized crops (scale (0.08, 1), ratio (3/4, 4/3)) of 640 x 480 images with
 random flips; query and key grids are both ``g x g``.
 
-Time: the minimum over ``--repeat`` rounds (after one warm-up call of each), the brute force and
-ours alternating within a round, in thread CPU seconds (``time.thread_time``: what one core spends,
-robust to other processes on a shared machine) or wall-clock seconds with ``--wall``. Peak
+Time: the best call over ``--repeat`` rounds (after one warm-up call of each), the brute force and
+ours alternating; a round calls a function back to back for 50 ms (at least once) and keeps its
+fastest call, in thread CPU seconds (``time.thread_time``: what one core spends, robust to other
+processes on a shared machine) or wall-clock seconds with ``--wall``. Peak
 memory: the most bytes of live tensors created during one call, counted by
 :class:`live_memory.LiveTensorBytes` (inputs excluded, outputs included), in a separate call.
 A brute force that would exceed ``--max-pairs`` query-key pairs runs on the largest sub-batch
@@ -66,6 +67,7 @@ from densecontrast.matching import (
 
 GRIDS = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64]
 CLOCK: Callable[[], float] = time.thread_time
+ROUND_TIME = 0.05  # seconds of back-to-back calls per round (at least one call)
 
 
 def random_resized_crops(b: int, gen: torch.Generator, width: float = 640.0, height: float = 480.0) -> ViewGeometry:
@@ -135,18 +137,28 @@ def brute_force_similarity(q: torch.Tensor, k: torch.Tensor) -> Matches:
 
 
 # ---------------------------------------------------------------------- measurement
-def best_times(fns: list[Callable[[], object]], repeat: int) -> list[float]:
-    """Minimum time of each function over ``repeat`` rounds (one warm-up call each, then alternating)."""
+def best_times(fns: list[Callable[[], object]], repeat: int, round_time: float = ROUND_TIME) -> list[float]:
+    """Best time of one call of each function over ``repeat`` rounds, the functions alternating.
+
+    After one warm-up call each, a round calls a function back to back until ``round_time``
+    seconds have passed (at least once) and keeps its fastest call: for sub-millisecond calls one
+    call is too easily slowed by other processes.
+    """
     for fn in fns:
         fn()
     best = [math.inf] * len(fns)
     for _ in range(repeat):
         for i, fn in enumerate(fns):
             gc.collect()
-            t0 = CLOCK()
-            out = fn()
-            best[i] = min(best[i], CLOCK() - t0)
-            del out
+            start = CLOCK()
+            while True:
+                t0 = CLOCK()
+                out = fn()
+                t1 = CLOCK()
+                del out
+                best[i] = min(best[i], t1 - t0)
+                if t1 - start >= round_time:
+                    break
     return best
 
 
@@ -225,9 +237,11 @@ def run_coordinate(batches: list[int], grids: list[int], repeat: int, max_pairs:
             print(f"| {g}x{g} | {b} | {path} | {mark}{ms(t_brute)} | {mark}{ms(t_mask)} | {ms(t_ours)} "
                   f"| **{t_brute / t_ours:,.2f}x** | {t_mask / t_ours:,.2f}x | {mark}{mib(m_brute)} | {mib(m_ours)} "
                   f"| {m_brute / max(m_ours, 1):,.1f}x | {ours.key_index.shape[-1]} |", flush=True)
-    print("\nCost model of coordinate_match (pairs = B * N * M query-key pairs): every pair is tested up to "
-          f"{coordinate._DENSE_PAIRS:,} pairs; above, windows when they cost fewer pairs, counting "
-          f"{coordinate._WINDOW_SETUP_PAIRS:,} pairs to set them up and {coordinate._GROUP_PAIRS:,} per group "
+    print("\nCost model of coordinate_match (pairs = query-key pairs tested): every pair is tested while the "
+          f"smallest windows ({coordinate._MIN_WINDOW_CELLS} cells) would save at most "
+          f"{coordinate._DENSE_PAIRS:,} pairs; above, windows when they cost less, counting "
+          f"{coordinate._WINDOW_SETUP_PAIRS:,} pairs to set them up, {coordinate._GROUP_PAIRS:,} per group and "
+          f"{coordinate._WINDOW_PAIR_COST} per pair tested in a window "
           f"(at most {coordinate._CHUNK_PAIRS:,} pairs a group); packing by topk up to "
           f"{coordinate._TOPK_PAIRS:,} pairs, by nonzero above.")
     print("Crossover (smallest grid that uses windows): " + ", ".join(

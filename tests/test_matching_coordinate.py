@@ -145,7 +145,7 @@ def test_coordinate_match_default_cost_model_on_a_realistic_batch():
     assert len(calls) == 1 and all(window is not None for _, window in calls[0])  # 3 x 3: dense, no plan
 
 
-@mock.patch.multiple(coordinate, _WINDOW_SETUP_PAIRS=0, _GROUP_PAIRS=5000, _CHUNK_PAIRS=1 << 21)
+@mock.patch.multiple(coordinate, _WINDOW_SETUP_PAIRS=0, _GROUP_PAIRS=5000, _WINDOW_PAIR_COST=1, _CHUNK_PAIRS=1 << 21)
 def test_coordinate_match_plan():
     sizes = [[3, 3], [12, 12], [3, 4], [4, 3], [12, 11]]
     groups = coordinate._plan(sizes, 100, 16, 16)

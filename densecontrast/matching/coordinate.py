@@ -93,9 +93,11 @@ def _grid(x: Tensor, y: Tensor) -> Tensor:
 # Cost model of coordinate_match, in units of one tested (query, key cell) pair. A pair costs about
 # a nanosecond on one CPU core; a group of tensor operations about 20 microseconds, whatever its size.
 # benchmarks/matching.py prints the sweep these were read from and the crossover they give.
-_DENSE_PAIRS = 1 << 15  # up to B * N * M pairs, test every pair: nothing to set up
+_DENSE_PAIRS = 1 << 17  # test every pair while the pairs the smallest windows save, B * N * (M - 16), are fewer
+_MIN_WINDOW_CELLS = 16  # a window has at least 4 x 4 key cells (floor(2 r) + 4 per axis)
 _WINDOW_SETUP_PAIRS = 1 << 16  # fixed cost of the windows: key-cell coordinates, sizes, one host read
 _GROUP_PAIRS = 1 << 16  # fixed cost of one group of samples tested together
+_WINDOW_PAIR_COST = 2  # a pair tested in a window costs about two of the dense test (gathered, shorter rows)
 _CHUNK_PAIRS = 1 << 21  # at most this many pairs tested at once: bounds the temporaries (~10 bytes a pair)
 _TOPK_PAIRS = 1 << 14  # pack by topk up to this many pairs, by nonzero above
 
@@ -223,10 +225,11 @@ def _static(cq: Tensor, col_x: Tensor, row_y: Tensor, radius: Tensor, k: int) ->
 def _plan(sizes: list[list[int]], n: int, hk: int, wk: int) -> list[tuple[_Samples, _Window]]:
     """Split the batch into groups tested together, each with one window size, by the cost model.
 
-    Samples sorted by window area are grouped greedily: a sample joins the current group unless
-    enlarging the group's window would cost more pairs than a new group (:data:`_GROUP_PAIRS`), or
-    the group would exceed :data:`_CHUNK_PAIRS`. The whole key grid is compared instead (in chunks
-    of consecutive samples) when that costs fewer pairs.
+    Costs are counted in pairs of the dense test; a pair tested in a window counts
+    :data:`_WINDOW_PAIR_COST`. Samples sorted by window area are grouped greedily: a sample joins
+    the current group unless enlarging the group's window would cost more than a new group
+    (:data:`_GROUP_PAIRS`), or the group would exceed :data:`_CHUNK_PAIRS` pairs. The whole key
+    grid is compared instead (in chunks of consecutive samples) when that costs less.
 
     Args:
         sizes: per sample ``[k_x, k_y]``, its window in key cells (capped at the grid).
@@ -248,15 +251,16 @@ def _plan(sizes: list[list[int]], n: int, hk: int, wk: int) -> list[tuple[_Sampl
     for i in sorted(range(b), key=lambda j: sizes[j][0] * sizes[j][1]):
         sx, sy = sizes[i]
         gx, gy = max(kx, sx), max(ky, sy)
-        grown = n * ((len(ids) + 1) * gx * gy - len(ids) * kx * ky)
-        if ids and (grown > _GROUP_PAIRS + n * sx * sy or (len(ids) + 1) * n * gx * gy > _CHUNK_PAIRS):
+        grown = _WINDOW_PAIR_COST * n * ((len(ids) + 1) * gx * gy - len(ids) * kx * ky)
+        if ids and (grown > _GROUP_PAIRS + _WINDOW_PAIR_COST * n * sx * sy
+                    or (len(ids) + 1) * n * gx * gy > _CHUNK_PAIRS):
             groups.append((ids, (kx, ky)))
-            cost += _GROUP_PAIRS + len(ids) * n * kx * ky
+            cost += _GROUP_PAIRS + _WINDOW_PAIR_COST * len(ids) * n * kx * ky
             ids, gx, gy = [], sx, sy
         ids.append(i)
         kx, ky = gx, gy
     groups.append((ids, (kx, ky)))
-    cost += _GROUP_PAIRS + len(ids) * n * kx * ky
+    cost += _GROUP_PAIRS + _WINDOW_PAIR_COST * len(ids) * n * kx * ky
     if cost >= dense_cost:
         return dense
     if len(groups) == 1:  # the whole batch in one group: keep the batch order
@@ -336,9 +340,11 @@ def coordinate_match(
     A cost model picks how, per batch (constants in this module, measured by
     ``benchmarks/matching.py``):
 
-    * small problems (``B * N * M`` up to ``2**15`` pairs) compare every query with every key
-      cell; a key cell's x depends on its column only and its y on its row only, so the
-      distances are ``dy^2 + dx^2`` broadcast from ``(B, N, h_k)`` and ``(B, N, w_k)`` terms;
+    * small problems compare every query with every key cell (nothing to set up): while even
+      the smallest windows (4 x 4 cells) would save fewer than ``2**17`` pairs,
+      ``B * N * (M - 16) <= 2**17``, about what setting windows up costs. A key cell's x
+      depends on its column only and its y on its row only, so the distances are
+      ``dy^2 + dx^2`` broadcast from ``(B, N, h_k)`` and ``(B, N, w_k)`` terms;
     * otherwise each query is compared with a ``k_y x k_x`` window of key cells around its
       closed-form location in the key grid (:meth:`ViewGeometry.to_cells`), sized per sample from
       its radius in key cells plus a one-cell margin and capped at the grid. Samples with
@@ -414,7 +420,7 @@ def coordinate_match(
         in_box = key_geometry.contains(cq)
         if max_positives is not None:  # every pair, into a fixed number of slots
             index, mask = _static(cq, col_x, row_y, radius, max_positives)
-        elif b * n * m <= _DENSE_PAIRS:  # every pair: the positions in the grid are the key indices
+        elif b * n * (m - _MIN_WINDOW_CELLS) <= _DENSE_PAIRS:  # every pair; grid positions are key indices
             index, mask = _pack(_hits(cq, col_x[:, None, :], row_y[:, None, :], radius))
         else:
             index, mask = _grouped(key_geometry, cq, col_x, row_y, cell_k, radius)

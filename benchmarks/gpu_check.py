@@ -56,7 +56,7 @@ import step_breakdown as sb
 import torch
 import torch.nn.functional as F
 from live_memory import LiveTensorBytes
-from losses import floor_fwd_bwd, matmuls_only, naive
+from losses import floor_fwd_bwd, matmuls_only
 from torch import Tensor
 
 from densecontrast.geometry import ViewGeometry
@@ -345,6 +345,13 @@ def run_step_breakdown(device: torch.device, quick: bool, amps: Sequence[str], m
 
 
 # ============================================================================================ part c
+def naive(q: Tensor, k: Tensor, queue: Tensor, tau: float) -> Tensor:
+    """``cat([l_pos, q @ Q^T]) / tau`` + ``cross_entropy`` (what DenseCL / PixCon do), on ``q``'s device."""
+    l_pos = (q * k).sum(1, keepdim=True)
+    logits = torch.cat([l_pos, q @ queue.t()], dim=1) / tau
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     times = []
     for _ in range(repeats):

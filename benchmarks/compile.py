@@ -13,10 +13,10 @@ View pairs are random-resized crops of 640 x 480 images with random flips (as
 ``benchmarks/matching.py``); features are standard normal, float32; the queue holds ``--queue``
 unit vectors.
 
-Time: the minimum over ``--repeat`` rounds after two warm-up calls each (the first compiled call
-compiles; its time is reported separately), eager and compiled alternating within a round, in
-thread CPU seconds (``time.thread_time``: robust to other processes on a shared machine) or
-wall-clock seconds with ``--wall``.
+Time: the best call over ``--repeat`` rounds after two warm-up calls each (the first compiled call
+compiles; its time is reported separately), eager and compiled alternating; a round repeats a
+call back to back for 50 ms (at least once), in thread CPU seconds (``time.thread_time``: robust
+to other processes on a shared machine) or wall-clock seconds with ``--wall``.
 
 Usage::
 
@@ -49,6 +49,7 @@ from densecontrast.matching import (
 from densecontrast.weighting import SemanticReweighting
 
 CLOCK: Callable[[], float] = time.thread_time
+ROUND_TIME = 0.05  # seconds of back-to-back calls per round (at least one call)
 Call = Callable[[], object]
 
 
@@ -115,15 +116,21 @@ def flat_tensors(out: object) -> list[torch.Tensor]:
 
 
 def best(calls: list[Call], repeat: int) -> list[float]:
+    """Best call of each over ``repeat`` rounds, alternating; a round repeats a call for ``ROUND_TIME``."""
     for call in calls:
         call()
         call()
     times = [math.inf] * len(calls)
     for _ in range(repeat):
         for i, call in enumerate(calls):
-            t0 = CLOCK()
-            call()
-            times[i] = min(times[i], CLOCK() - t0)
+            start = CLOCK()
+            while True:
+                t0 = CLOCK()
+                call()
+                t1 = CLOCK()
+                times[i] = min(times[i], t1 - t0)
+                if t1 - start >= ROUND_TIME:
+                    break
     return times
 
 

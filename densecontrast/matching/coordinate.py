@@ -6,7 +6,9 @@ Convention:
     mapped to **image space** (normalized ``[0, 1]`` over the original image, see
     :mod:`densecontrast.geometry`) and compared there. Because both views are affine images of
     the same picture, the key cells near a query form a small window around the query's
-    closed-form location in the key grid, so neither matcher builds an ``(N, M)`` matrix.
+    closed-form location in the key grid: the matchers build an ``(N, M)`` matrix only where
+    that is cheaper (small grids, see :func:`coordinate_match`) or asked for
+    (``max_positives``).
 """
 
 from __future__ import annotations

@@ -54,8 +54,8 @@ from densecontrast.eval.protocol import (
     evaluate_backbone,
     evaluation_images,
     random_init_like,
-    summary_line,
 )
+from densecontrast.eval.report import report_line
 
 PROTOCOL = CorrespondenceProtocol()
 """The evaluation settings: the project's one protocol, unchanged."""
@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (out_dir / "report.json").write_text(json.dumps(results, indent=2, default=str))
     _report(out_dir / "report.md", arch, args, results, figures, time.time() - t0)
     print(f"wrote {out_dir / 'report.md'}")
-    print("correspondence accuracy " + summary_line(results["correspondence"]))
+    print(report_line(results))
     for name, p in results.get("linear_probe", {}).items():
         print(f"linear probe ({name}): mIoU {p['miou']:.3f}, pixel accuracy {p['pixel_accuracy']:.3f}")
     return results

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from densecontrast.eval.protocol import CorrespondenceProtocol
+from densecontrast.eval.protocol import CorrespondenceProtocol, summary_line
 from densecontrast.geometry import ViewGeometry
 from densecontrast.matching import Matches, cell_distance, nearest_coordinate_match
 
@@ -126,8 +126,6 @@ def report_line(report: dict[str, Any]) -> str:
         >>> report_line({"correspondence": r})
         'correspondence accuracy on 17 real photographs: crop within-one 0.500 ± 0.010 vs random init ...'
     """
-    from densecontrast.eval.protocol import summary_line
-
     return "correspondence accuracy " + summary_line(report["correspondence"])
 
 

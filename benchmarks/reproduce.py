@@ -65,6 +65,8 @@ METHODS: dict[str, Method] = {
         # loss (the dense branch is still computed, with zero weight, so the compute is DenseCL's).
         Method("moco", "MoCo v2 (global only)", "global", "densecl", ("--dense-weight", "0", "--momentum", "0.99")),
         Method("byol", "BYOL (global only)", "global", "lcloss", ("--alpha", "0", "--momentum-base", "0.99")),
+        # PixCon's image loss alone (lambda = 0): the demo's own global-only twin, same script and settings.
+        Method("pixcon_global", "PixCon image loss (global only)", "global", "pixcon", ("--dense-weight", "0")),
         Method("densecl", "DenseCL", "dense", "densecl", ("--momentum", "0.99")),
         Method("pixcon_coord", "PixCon-Coord", "dense", "pixcon", ("--variant", "coord")),
         Method("pixcon_sim", "PixCon-Sim", "dense", "pixcon", ("--variant", "sim")),
@@ -72,8 +74,20 @@ METHODS: dict[str, Method] = {
         Method("pixpro", "PixPro", "dense", "pixpro", ()),
         Method("lcloss", "LC-loss (BYOL + local)", "dense", "lcloss", ("--momentum-base", "0.99")),
         Method("densesiam", "DenseSiam", "dense", "densesiam", ()),
+        # Ablations of the demo (PixCon-Coord with the scripts' defaults): each undoes one change that moved
+        # the real-photograph numbers (see docs/results.md).
+        Method("ablate_standardize", "demo, inputs not standardised", "ablation", "pixcon", ("--no-standardize",)),
+        Method("ablate_stride8", "demo, output stride 8", "ablation", "pixcon", ("--output-stride", "8")),
+        Method("ablate_image96", "demo, 96-px scenes", "ablation", "pixcon", ("--image-size", "96")),
+        Method("ablate_shapes", "demo, shapes scenes", "ablation", "pixcon", ("--synthetic", "shapes")),
+        Method("ablate_old_demo", "former demo (SR, 96 px, stride 8, raw, lr 0.05)", "ablation", "pixcon",
+               ("--variant", "sr", "--image-size", "96", "--output-stride", "8", "--no-standardize", "--lr", "0.05")),
     )
 }
+COMPARISON: tuple[str, ...] = tuple(m for m, meta in METHODS.items() if meta.kind != "ablation")
+"""The default ``--methods``: random init, the global-only baselines and the dense methods."""
+DEMO = "pixcon_coord"
+"""The method of the Quick-start demo (``python examples/pixcon/train.py`` with no arguments)."""
 
 METRICS: tuple[tuple[str, str], ...] = (
     ("photos_crop_within_one", "photos: crop ±1 cell"),
@@ -253,6 +267,8 @@ def collect(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> dict[str
 def _fmt(stat: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
     if stat["n"] == 0:
         return "n/a"
+    if stat["n"] == 1:  # one training seed: no spread to show
+        return f"{stat['mean'] * scale:.{digits}f}"
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
@@ -278,7 +294,7 @@ def bar_chart(results: dict[str, Any], methods: Sequence[str], path: Path) -> No
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4.2), sharey=False)
-    colors = {"none": "#999999", "global": "#4c72b0", "dense": "#dd8452"}
+    colors = {"none": "#999999", "global": "#4c72b0", "dense": "#dd8452", "ablation": "#55a868"}
     for ax, (key, label) in zip(axes, METRICS, strict=True):
         means = [results["summary"][m][key]["mean"] * 100 for m in methods]
         stds = [results["summary"][m][key]["std"] * 100 for m in methods]
@@ -356,9 +372,10 @@ def build_outputs(args: argparse.Namespace) -> str:
     if not args.no_pictures and results["runs"]:
         img = args.img_dir
         bar_chart(results, args.methods, img / "results_bars.png")
-        if "pixcon_sr" in args.methods and (args.out / "pixcon_sr" / f"seed{args.seeds[0]}" / "backbone.pth").exists():
-            matches_picture(args.out / "pixcon_sr" / f"seed{args.seeds[0]}", img / "results_matches_pixcon_sr.png",
-                            f"PixCon-SR, seed {args.seeds[0]}: matches (green: within one cell)", args.seeds[0])
+        if DEMO in args.methods and (args.out / DEMO / f"seed{args.seeds[0]}" / "backbone.pth").exists():
+            matches_picture(args.out / DEMO / f"seed{args.seeds[0]}", img / "results_matches_demo.png",
+                            f"{METHODS[DEMO].label}, seed {args.seeds[0]}: matches (green: within one cell)",
+                            args.seeds[0])
         if "random" in args.methods:
             matches_picture(None, img / "results_matches_random.png",
                             f"random init, seed {args.seeds[0]}: matches (green: within one cell)", args.seeds[0])
@@ -367,11 +384,13 @@ def build_outputs(args: argparse.Namespace) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=64, help="optimiser steps per run (same for every method)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimiser steps per run, the same for every method (default: the demo's schedule)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(COMPARISON), choices=list(METHODS),
+                   help="default: every method but the ablations (ablate_*)")
     p.add_argument("--img-dir", type=Path, default=ROOT / "docs" / "img")
     p.add_argument("--only-table", action="store_true", help="no runs: rebuild table / json / pictures from --out")
     p.add_argument("--no-pictures", action="store_true")

@@ -96,14 +96,14 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 
 #: Data / model size of each configuration (the scripts' defaults, and ResNet-50 at 224 px).
 CONFIGS: dict[str, dict[str, Any]] = {
-    "demo": dict(arch="tiny", crop_size=64, batch_size=32, image_size=(96, 96)),
+    "demo": dict(arch="tiny", crop_size=64, batch_size=32, image_size=(128, 128)),
     "r50": dict(arch="resnet50", crop_size=224, batch_size=32, image_size=(640, 480)),
 }
 
 #: Per method and configuration: the scripts' demo defaults and their ``--preset paper`` values.
 HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
     "pixcon": {
-        "demo": dict(proj_hidden=256, proj_dim=64, queue_size=4096, optimizer="sgd", lr=0.05, weight_decay=1e-4),
+        "demo": dict(proj_hidden=256, proj_dim=64, queue_size=4096, optimizer="sgd", lr=0.2, weight_decay=1e-4),
         "r50": dict(proj_hidden=2048, proj_dim=128, queue_size=65536, optimizer="sgd", lr=0.4, weight_decay=1e-4),
         "all": dict(temperature=0.2, dense_weight=0.5, gamma=2.0, momentum_base=0.99, lr_scaling="none"),
     },

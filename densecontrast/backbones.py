@@ -7,14 +7,19 @@ name           out_channels  stride     parameters     output for a 224 x 224 in
 ``resnet34``   512           32         21.3 M         (B, 512, 7, 7)
 ``resnet50``   2048          32 (16, 8) 23.5 M         (B, 2048, 7, 7)  (14 x 14, 28 x 28)
 ``resnet101``  2048          32 (16, 8) 42.5 M         (B, 2048, 7, 7)
-``tiny``       128           8 (16)     0.28 M (0.43)  (B, 128, 28, 28)  (14 x 14)
+``tiny``       128           16 (8)     0.43 M (0.28)  (B, 128, 14, 14)  (28 x 28)
 =============  ============  =========  =============  ====================================
 
 Every stride-2 layer uses padding so that an input of ``H x W`` gives a map of
-``ceil(H / stride) x ceil(W / stride)`` (a 96-px demo view gives 3 x 3 with ResNets and
-12 x 12 with ``tiny``). The ResNets are torchvision's, randomly initialised (never
-downloaded), with ``avgpool`` and ``fc`` removed; their ``state_dict`` keys are torchvision's,
-so :func:`densecontrast.engine.checkpoint.export_backbone` output loads into ``torchvision.models``.
+``ceil(H / stride) x ceil(W / stride)`` (a 64-px demo view gives 2 x 2 with ResNets and
+4 x 4 with ``tiny``; a 128-px evaluation image 4 x 4 and 8 x 8). ``tiny`` standardises each
+input image per channel (zero mean, unit variance over its pixels) before its first
+convolution, so its features do not change when an image is made brighter or darker or its
+contrast is changed (up to clipping); see :class:`TinyConvNet`.
+
+The ResNets are torchvision's, randomly initialised (never downloaded), with ``avgpool`` and
+``fc`` removed; their ``state_dict`` keys are torchvision's, so
+:func:`densecontrast.engine.checkpoint.export_backbone` output loads into ``torchvision.models``.
 
 ``"timm:<name>"`` builds any [timm](https://github.com/huggingface/pytorch-image-models) model
 (an optional dependency: ``pip install 'densecontrast[timm]'``): CNNs through ``features_only``
@@ -30,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densecontrast._checks import check_choice, check_int, check_type
@@ -109,35 +115,54 @@ def _cbr(cin: int, cout: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
+STANDARDIZE_EPS = 1e-3
+"""Variance floor of :class:`TinyConvNet`'s input standardisation (in ImageNet-normalised units)."""
+
+
 class TinyConvNet(nn.Module):
     """A small conv-BN-ReLU network for CPU demos and tests: ``(B, 3, H, W)`` -> ``(B, 128, ceil(H/s), ceil(W/s))``.
 
-    Five (stride 8) or six (stride 16) 3x3 conv-BN-ReLU layers, widths 32-64-64-128-128(-128),
-    about 0.28 M (0.43 M) parameters: a few CPU minutes per demo run on 96-px views.
+    Six (stride 16, the default) or five (stride 8) 3x3 conv-BN-ReLU layers, widths
+    32-64-64-128-128(-128), about 0.43 M (0.28 M) parameters: a few CPU minutes per demo run.
+
+    With ``standardize=True`` (default) each image is first standardised per channel
+    (``F.instance_norm``: zero mean and unit variance over its pixels, variance floor
+    :data:`STANDARDIZE_EPS`), which makes the features invariant to brightness and contrast
+    changes. Without it, BatchNorm in eval mode turns a brightness change of the input into an
+    offset that a few hundred training steps do not learn to ignore: on real photographs the
+    brightness jitter of the evaluation alone cost a trained demo network as much correspondence
+    accuracy as everything it had learned (see the results page of the documentation). The flag
+    is a buffer, so a checkpoint records how its inputs were treated.
 
     Args:
-        stride: output stride, 8 or 16.
+        stride: output stride, 16 or 8.
         in_channels: input channels (3 for RGB).
         width: channels of the first layer; later layers use 2x and 4x this (default 32).
+        standardize: standardise each input image per channel first.
 
     Attributes:
         out_channels: ``4 * width``.
         stride: the output stride.
+        standardize: 0-d bool buffer, the ``standardize`` flag.
 
     Examples:
         >>> import torch
-        >>> net = TinyConvNet(stride=8)
-        >>> net(torch.zeros(2, 3, 96, 96)).shape, net.out_channels
-        (torch.Size([2, 128, 12, 12]), 128)
+        >>> net = TinyConvNet()
+        >>> net(torch.zeros(2, 3, 96, 96)).shape, net.out_channels, net.stride
+        (torch.Size([2, 128, 6, 6]), 128, 16)
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> torch.allclose(net.eval()(x), net(2 * x + 0.5), atol=1e-3)  # brightness and contrast
+        True
         >>> 100_000 < sum(p.numel() for p in net.parameters()) < 500_000
         True
     """
 
-    def __init__(self, stride: int = 8, in_channels: int = 3, width: int = 32) -> None:
+    def __init__(self, stride: int = 16, in_channels: int = 3, width: int = 32, standardize: bool = True) -> None:
         super().__init__()
         check_choice(stride, "stride", (8, 16))
         check_int(in_channels, "in_channels", 1)
         check_int(width, "width", 1)
+        check_type(standardize, "standardize", bool)
         w1, w2, w3 = width, 2 * width, 4 * width
         layers = [*_cbr(in_channels, w1, 2), *_cbr(w1, w2, 2), *_cbr(w2, w2, 1), *_cbr(w2, w3, 2), *_cbr(w3, w3, 1)]
         if stride == 16:
@@ -145,13 +170,16 @@ class TinyConvNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.out_channels: int = w3
         self.stride: int = stride
+        self.standardize: Tensor
+        self.register_buffer("standardize", torch.tensor(standardize))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
         """Map images ``(B, in_channels, H, W)`` to ``(B, out_channels, ceil(H/stride), ceil(W/stride))``."""
-        return self.features(x)
+        standardized = F.instance_norm(x, eps=STANDARDIZE_EPS)
+        return self.features(torch.where(self.standardize.bool(), standardized, x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,7 +387,7 @@ def build_backbone(
         raise ValueError(f"pretrained weights are only built in for 'timm:' backbones, not for {name!r}: load "
                          f"them into the returned module yourself")
     if name == "tiny":
-        net = TinyConvNet(stride=8 if output_stride is None else output_stride, **kwargs)
+        net = TinyConvNet(stride=16 if output_stride is None else output_stride, **kwargs)
         return net, net.out_channels
     os_ = check_choice(32 if output_stride is None else output_stride, "output_stride", (8, 16, 32), note=f"for {name}")
     if os_ != 32 and name in ("resnet18", "resnet34"):

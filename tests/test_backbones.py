@@ -26,9 +26,9 @@ def _check_shapes(net: nn.Module, c: int, stride: int, device: str = "cpu") -> N
     ("name", "kwargs", "channels", "stride"),
     [
         ("resnet18", {}, 512, 32),
-        ("tiny", {}, 128, 8),
-        ("tiny", {"output_stride": 16}, 128, 16),
-        ("tiny", {"width": 8}, 32, 8),
+        ("tiny", {}, 128, 16),
+        ("tiny", {"output_stride": 8}, 128, 8),
+        ("tiny", {"width": 8}, 32, 16),
     ],
 )
 def test_build_backbone_shapes_and_strides(name: str, kwargs: dict, channels: int, stride: int) -> None:
@@ -99,3 +99,57 @@ def test_convert_sync_batchnorm() -> None:
     kinds = {type(m) for m in synced.modules()}
     assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds
     assert set(synced.state_dict()) == set(net.state_dict())
+
+
+def _standardize_reference(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per image and channel, in float64 with loops: (x - mean) / sqrt(biased var + eps)."""
+    out = torch.empty_like(x, dtype=torch.float64)
+    for i in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            v = x[i, c].double()
+            out[i, c] = (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + eps)
+    return out
+
+
+def test_tiny_standardizes_each_image_per_channel() -> None:
+    from densecontrast.backbones import STANDARDIZE_EPS
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 20, 28) * torch.tensor([0.5, 2.0, 1.0]).view(1, 3, 1, 1) + 0.7
+    x[1, 2] = 0.25  # a flat channel: zero after standardisation, never NaN
+    net = TinyConvNet().eval()
+    seen = []
+    net.features[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        net(x)
+    ref = _standardize_reference(x, STANDARDIZE_EPS)
+    assert torch.allclose(seen[0].double(), ref, atol=1e-5)
+    assert torch.equal(seen[0][1, 2], torch.zeros(20, 28))
+    raw = TinyConvNet(standardize=False).eval()
+    raw.features[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        raw(x)
+    assert torch.equal(seen[1], x)
+
+
+def test_tiny_standardized_features_ignore_brightness_and_contrast() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 48)
+    for standardize in (True, False):
+        net = TinyConvNet(standardize=standardize).eval()
+        with torch.no_grad():
+            a, b = net(x), net(1.7 * x - 0.4)
+        change = float((a - b).norm() / a.norm())  # only the variance floor keeps it from 0
+        assert (change < 1e-3) if standardize else (change > 0.1), (standardize, change)
+
+
+def test_tiny_standardize_flag_is_in_the_state_dict() -> None:
+    a, b = TinyConvNet(standardize=False), TinyConvNet()
+    assert "standardize" in a.state_dict() and not bool(a.standardize) and bool(b.standardize)
+    b.load_state_dict(a.state_dict())
+    assert not bool(b.standardize)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a.eval()(x), b.eval()(x))
+    with pytest.raises(ValueError, match="standardize must be a bool"):
+        TinyConvNet(standardize=1)  # type: ignore[arg-type]

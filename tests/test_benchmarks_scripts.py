@@ -47,7 +47,7 @@ def test_step_breakdown_tiny(tmp_path: Path) -> None:
                 "--crop-size", "32", "--no-memory", "--threads", "1", "--json", str(out))
     assert "| method | config | amp | grid | step ms | library ms | library % |" in proc.stdout
     for label in LABELS:
-        assert f"| {label} | demo | none | 4x4 |" in proc.stdout
+        assert f"| {label} | demo | none | 2x2 |" in proc.stdout  # 32-px views, tiny's stride 16
         assert f"{label} (demo): " in proc.stdout and "the 5 % goal" in proc.stdout
     results = json.loads(out.read_text())["results"]
     assert [r["label"] for r in results] == LABELS

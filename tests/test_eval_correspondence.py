@@ -223,3 +223,43 @@ def test_bad_arguments() -> None:
         correspondence_accuracy(lambda x: x.mean((2, 3)), torch.rand(1, 3, 16, 16))
     with pytest.raises(ValueError, match="batch_size"):
         correspondence_accuracy(backbone, torch.rand(1, 3, 16, 16), batch_size=0)
+
+
+class Recorder(nn.Module):
+    """A stride-8 conv that keeps every input batch it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 8, stride=8)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return self.conv(x)
+
+
+def test_color_mapping_selects_the_transforms() -> None:
+    images = torch.rand(3, 3, 32, 32) * 0.5  # factors up to 1.4 never clip
+    rec = Recorder()
+    brightness = {"jitter": (0.4, 0.0, 0.0, 0.0), "jitter_p": 1.0, "gray_p": 0.0, "blur_p": 0.0}
+    correspondence_accuracy(rec, images, "flip", color=brightness, normalize=False,
+                            generator=torch.Generator().manual_seed(0))
+    query, key = rec.seen
+    assert torch.equal(query, images)
+    flipped = images.flip(-1)
+    factor = key.sum((1, 2, 3)) / flipped.sum((1, 2, 3))  # brightness alone: one factor per image
+    assert torch.allclose(key, factor.view(3, 1, 1, 1) * flipped, atol=1e-5)
+    assert ((factor >= 0.6 - 1e-6) & (factor <= 1.4 + 1e-6)).all() and not torch.allclose(factor, torch.ones(3))
+
+    backbone = nn.Conv2d(3, 8, 8, stride=8)
+    data = torch.rand(4, 3, 32, 32)
+
+    def acc(color):
+        return correspondence_accuracy(backbone, data, "crop", color=color, generator=torch.Generator().manual_seed(5))
+
+    assert acc({"jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0}) == acc(False)
+    assert acc({}) == acc(True)
+    with pytest.raises(ValueError, match="unknown color_augment arguments"):
+        acc({"brightness": 0.4})
+    with pytest.raises(TypeError, match="color must be a bool or a mapping"):
+        acc(0.4)

@@ -99,3 +99,22 @@ def test_module_runs_as_a_command() -> None:
     proc = subprocess.run([sys.executable, "-m", "densecontrast.eval", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "usage: python -m densecontrast.eval" in proc.stdout
+
+
+def test_tiny_checkpoints_load_with_their_stride_and_standardization(tmp_path: Path) -> None:
+    x = torch.rand(2, 3, 64, 64)
+    for kwargs in ({}, {"output_stride": 8}, {"standardize": False, "width": 8}):
+        torch.manual_seed(0)
+        net, _ = build_backbone("tiny", **kwargs)
+        export_backbone(net, tmp_path / "b.pth", arch="tiny")
+        loaded, arch = cli.load_backbone(tmp_path / "b.pth")
+        with torch.no_grad():
+            assert arch == "tiny" and torch.equal(loaded(x), net.eval()(x)), kwargs
+    # A checkpoint written before tiny had the flag: its inputs were never standardised.
+    torch.manual_seed(0)
+    old, _ = build_backbone("tiny", output_stride=8, standardize=False)
+    sd = {k: v for k, v in old.state_dict().items() if k != "standardize"}
+    torch.save({"arch": "tiny", "state_dict": sd}, tmp_path / "old.pth")
+    loaded, _ = cli.load_backbone(tmp_path / "old.pth")
+    with torch.no_grad():
+        assert not bool(loaded.standardize) and torch.equal(loaded(x), old.eval()(x))

@@ -30,6 +30,7 @@ __all__ = [
     "AMP_DTYPES",
     "RunError",
     "add_common_args",
+    "backbone_options",
     "build_pretraining_loader",
     "check_resume_args",
     "checkpointable_args",
@@ -70,13 +71,17 @@ def add_common_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpars
     g.add_argument("--synthetic", choices=list(SYNTHETIC), default="dead-leaves",
                    help="built-in data without --data: dead-leaves (natural image statistics) or shapes")
     g.add_argument("--num-images", type=int, default=2048, help="synthetic scenes: dataset size")
-    g.add_argument("--image-size", type=int, default=96, help="synthetic scenes: image side in pixels")
+    g.add_argument("--image-size", type=int, default=128, help="synthetic scenes: image side in pixels")
     g.add_argument("--num-classes", type=int, default=8, help="synthetic scenes: object classes")
     g.add_argument("--crop-size", type=int, default=64, help="side of each augmented view in pixels")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="tiny",
                    help="backbone: tiny, resnet18, resnet50, ..., or timm:<name> (e.g. timm:vit_small_patch16_224)")
+    g.add_argument("--output-stride", type=int, default=None,
+                   help="backbone output stride (default: the architecture's, 16 for tiny, 32 for ResNets)")
+    g.add_argument("--no-standardize", action="store_true",
+                   help="tiny only: feed images as they are instead of standardising each one per channel")
     g.add_argument("--sync-bn", action="store_true", help="convert BatchNorm to SyncBatchNorm when distributed")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=4)
@@ -105,6 +110,31 @@ def add_common_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpars
                    help="also write rank<r>.pth (model + state) on every rank at each save, to check DDP consistency")
     parser.set_defaults(**defaults)
     return parser
+
+
+def backbone_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :func:`~densecontrast.backbones.build_backbone` from the command line.
+
+    ``--output-stride`` gives ``output_stride``, ``--no-standardize`` gives ``standardize=False``.
+
+    Raises:
+        RunError: ``--no-standardize`` with an architecture other than ``tiny``.
+
+    Examples:
+        >>> p = add_common_args(argparse.ArgumentParser())
+        >>> backbone_options(p.parse_args([]))
+        {}
+        >>> backbone_options(p.parse_args(["--output-stride", "8", "--no-standardize"]))
+        {'output_stride': 8, 'standardize': False}
+    """
+    options: dict[str, Any] = {}
+    if args.output_stride is not None:
+        options["output_stride"] = args.output_stride
+    if args.no_standardize:
+        if args.arch != "tiny":
+            raise RunError(f"--no-standardize applies to --arch tiny only, but got --arch {args.arch}")
+        options["standardize"] = False
+    return options
 
 
 def parse_with_presets(

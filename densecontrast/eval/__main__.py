@@ -152,7 +152,7 @@ def _build_matching(arch: str, sd: Mapping[str, Tensor]) -> nn.Module:
     variants: list[dict[str, Any]] = [{}]
     if arch == "tiny":
         width = int(sd["features.0.weight"].shape[0]) if "features.0.weight" in sd else 32
-        variants = [{"width": width}, {"width": width, "output_stride": 16}]
+        variants = [{"width": width, "output_stride": 16}, {"width": width, "output_stride": 8}]
     errors = []
     for kw in variants:
         net, _ = build_backbone(arch, **kw)
@@ -194,6 +194,8 @@ def load_backbone(
     obj = torch.load(path, map_location="cpu", weights_only=True)
     sd, stored = extract_backbone_state(obj)
     arch = arch or stored or infer_arch(sd)
+    if arch == "tiny" and "standardize" not in sd:  # written before tiny recorded it: raw inputs
+        sd = {**sd, "standardize": torch.tensor(False)}
     net = _build_matching(arch, sd)
     net.load_state_dict(sd, strict=True)
     return net.to(device).eval(), arch

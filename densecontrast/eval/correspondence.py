@@ -20,7 +20,7 @@ Convention:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -180,6 +180,21 @@ def color_augment(
     return torch.stack(out)
 
 
+_COLOR_ARGS = ("jitter", "jitter_p", "gray_p", "blur_p", "blur_sigma")
+
+
+def _color_kwargs(color: bool | Mapping[str, Any]) -> dict[str, Any] | None:
+    """``color`` as :func:`color_augment` keyword arguments (``None``: no colour transforms)."""
+    if isinstance(color, bool):
+        return {} if color else None
+    if not isinstance(color, Mapping):
+        raise TypeError(f"color must be a bool or a mapping of color_augment arguments, but got {type(color).__name__}")
+    unknown = sorted(set(color) - set(_COLOR_ARGS))
+    if unknown:
+        raise ValueError(f"color has unknown color_augment arguments {unknown}; expected some of {list(_COLOR_ARGS)}")
+    return dict(color)
+
+
 def random_crops(
     image_size: tuple[int, int],
     batch: int,
@@ -305,7 +320,7 @@ def correspondence_accuracy(
     *,
     size: int | Sequence[int] | None = None,
     view_size: int | Sequence[int] | None = None,
-    color: bool = True,
+    color: bool | Mapping[str, Any] = True,
     scale: tuple[float, float] = (0.2, 1.0),
     normalize: bool = True,
     generator: torch.Generator | None = None,
@@ -334,7 +349,9 @@ def correspondence_accuracy(
         mode: ``"flip"`` or ``"crop"``.
         size: resize images to ``(H, W)`` first (needed when a dataset's images differ in size).
         view_size: crop-mode view size (default: the image size).
-        color: apply the colour transforms to the key view.
+        color: apply the colour transforms to the key view: ``True`` at the LC-loss evaluation's
+            strengths, ``False`` none, or a mapping of :func:`color_augment` keyword arguments
+            (e.g. ``{"jitter": (0.4, 0, 0, 0), "gray_p": 0, "blur_p": 0}``: brightness alone).
         scale: crop-mode crop area range.
         normalize: ImageNet-normalize every view before the backbone.
         generator: CPU generator for crops, flips and colours (default: a fresh one seeded 0,
@@ -361,6 +378,7 @@ def correspondence_accuracy(
     check_int(batch_size, "batch_size", 1)
     check_interval(scale, "scale", 0, 1)
     vsize = None if view_size is None else check_size(view_size, "view_size")
+    color_kwargs = _color_kwargs(color)
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     dev = backbone_device(backbone, device)
     was_training = isinstance(backbone, nn.Module) and backbone.training
@@ -384,8 +402,8 @@ def correspondence_accuracy(
                 qg = random_crops((hh, ww), bsz, g, scale)
                 kg = random_crops((hh, ww), bsz, g, scale)
                 qv, kv = render_views(x, qg, out_hw), render_views(x, kg, out_hw)
-            if color:
-                kv = color_augment(kv, g)
+            if color_kwargs is not None:
+                kv = color_augment(kv, g, **color_kwargs)
             fq = extract_features(backbone, qv.to(dev), normalize)
             fk = extract_features(backbone, kv.to(dev), normalize)
             res = match_correctness(fq, fk, qg, kg, chunk_size=chunk_size)

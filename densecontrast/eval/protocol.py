@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,9 @@ class CorrespondenceProtocol:
         seeds: evaluation seeds (at least 3 for a mean ± std).
         views_per_image: crop-mode view pairs per image and seed.
         scale: crop-mode crop area range, fractions of the image.
-        color: colour transforms on the key view.
+        color: colour transforms on the key view (``True``: the strengths above; ``False``: none;
+            a mapping: :func:`~densecontrast.eval.correspondence.color_augment` arguments, for
+            diagnostics such as brightness alone).
         random_init_seed: seed of the random-init baseline's initialisation.
         batch_size: images per backbone call.
 
@@ -76,7 +79,7 @@ class CorrespondenceProtocol:
     seeds: tuple[int, ...] = (0, 1, 2)
     views_per_image: int = 4
     scale: tuple[float, float] = (0.2, 1.0)
-    color: bool = True
+    color: bool | Mapping[str, Any] = True
     random_init_seed: int = 12345
     batch_size: int = 32
 
@@ -176,6 +179,13 @@ def _scores(
     return out
 
 
+def _plain(value: Any) -> Any:
+    """Tuples as lists and mappings as dicts (JSON-ready)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -216,7 +226,7 @@ def evaluate_backbone(
     trained = _scores(backbone, images, protocol, device)
     result: dict[str, Any] = {
         "images": images_description,
-        "protocol": {k: (list(v) if isinstance(v, tuple) else v) for k, v in protocol.__dict__.items()},
+        "protocol": {k: _plain(v) for k, v in protocol.__dict__.items()},
         "trained": {m: dict(zip(("mean", "std"), _mean_std(v)), values=v) for m, v in trained.items()},
     }
     if baseline:

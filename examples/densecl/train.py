@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ from densecontrast.engine import (
     RunError,
     RunLog,
     add_common_args,
+    backbone_options,
     build_pretraining_loader,
     checkpointable_args,
     cleanup,
@@ -102,9 +104,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 class DenseCLOnline(nn.Module):
     """Online network: ``encoder`` (backbone + global / dense projectors, no BN), all copied by the key encoder."""
 
-    def __init__(self, arch: str, hidden: int, dim: int) -> None:
+    def __init__(self, arch: str, hidden: int, dim: int, **backbone_kwargs: Any) -> None:
         super().__init__()
-        backbone, channels = build_backbone(arch)
+        backbone, channels = build_backbone(arch, **backbone_kwargs)
         heads = densecl_heads(in_dim=channels, hidden_dim=hidden, out_dim=dim)
         self.encoder = nn.ModuleDict(
             {"backbone": backbone, "projector": heads["projector"], "dense_projector": heads["dense_projector"]}
@@ -141,7 +143,7 @@ def main(args: argparse.Namespace) -> None:
     global_batch = args.batch_size * info.world_size
 
     # ---- model: online network, key encoder (backbone + projectors, fixed momentum), two queues
-    online = DenseCLOnline(args.arch, args.proj_hidden, args.proj_dim)
+    online = DenseCLOnline(args.arch, args.proj_hidden, args.proj_dim, **backbone_options(args))
     if args.sync_bn:  # replaces ShuffleBN (not implemented), see the module docstring
         online = convert_sync_batchnorm(online)
     online.to(device)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ from densecontrast.engine import (
     RunError,
     RunLog,
     add_common_args,
+    backbone_options,
     build_pretraining_loader,
     checkpointable_args,
     cleanup,
@@ -116,9 +118,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 class DenseSiamOnline(nn.Module):
     """The only network (no momentum target): backbone, projectors, region heads and predictors."""
 
-    def __init__(self, arch: str, hidden: int, dim: int, pred_hidden: int, num_regions: int, region_dim: int) -> None:
+    def __init__(
+        self, arch: str, hidden: int, dim: int, pred_hidden: int, num_regions: int, region_dim: int,
+        **backbone_kwargs: Any,
+    ) -> None:
         super().__init__()
-        self.backbone, channels = build_backbone(arch)
+        self.backbone, channels = build_backbone(arch, **backbone_kwargs)
         heads = densesiam_heads(in_dim=channels, hidden_dim=hidden, out_dim=dim, pred_hidden_dim=pred_hidden,
                                 num_regions=num_regions, region_dim=region_dim)
         self.projector = heads["projector"]
@@ -189,7 +194,7 @@ def main(args: argparse.Namespace) -> None:
 
     # ---- model: one network; no momentum target, no queue (stop-gradient on the projections instead)
     online = DenseSiamOnline(args.arch, args.proj_hidden, args.proj_dim, args.pred_hidden, args.num_regions,
-                             args.region_dim)
+                             args.region_dim, **backbone_options(args))
     if args.sync_bn:
         online = convert_sync_batchnorm(online)
     online.to(device)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,7 @@ from densecontrast.engine import (
     RunError,
     RunLog,
     add_common_args,
+    backbone_options,
     build_pretraining_loader,
     checkpointable_args,
     cleanup,
@@ -97,9 +99,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 class LCOnline(nn.Module):
     """Online network: ``encoder`` (backbone + projector + local projector, copied by the target) and predictor."""
 
-    def __init__(self, arch: str, hidden: int, dim: int, dense_hidden: int, dense_dim: int) -> None:
+    def __init__(
+        self, arch: str, hidden: int, dim: int, dense_hidden: int, dense_dim: int, **backbone_kwargs: Any
+    ) -> None:
         super().__init__()
-        backbone, channels = build_backbone(arch)
+        backbone, channels = build_backbone(arch, **backbone_kwargs)
         heads = lc_heads(in_dim=channels, hidden_dim=hidden, out_dim=dim, dense_hidden_dim=dense_hidden,
                          dense_out_dim=dense_dim)
         self.encoder = nn.ModuleDict(
@@ -142,7 +146,8 @@ def main(args: argparse.Namespace) -> None:
     global_batch = args.batch_size * info.world_size
 
     # ---- model: online network, momentum target (backbone + projector + local projector); no queue
-    online = LCOnline(args.arch, args.proj_hidden, args.proj_dim, args.dense_hidden, args.dense_dim)
+    online = LCOnline(args.arch, args.proj_hidden, args.proj_dim, args.dense_hidden, args.dense_dim,
+                      **backbone_options(args))
     if args.sync_bn:
         online = convert_sync_batchnorm(online)
     online.to(device)

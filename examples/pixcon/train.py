@@ -4,8 +4,8 @@ Runs with no arguments as a CPU demo on the built-in synthetic scenes (a few min
 and writes ``runs/pixcon/``: ``checkpoint.pth``, ``metrics.jsonl``, TensorBoard events (when
 installed), ``loss.png``, ``matches.png``, ``backbone.pth`` and ``report.json``.
 
-    python examples/pixcon/train.py                                   # CPU demo, PixCon-SR
-    python examples/pixcon/train.py --variant coord                   # PixCon-Coord
+    python examples/pixcon/train.py                                   # CPU demo, PixCon-Coord
+    python examples/pixcon/train.py --variant sr                      # PixCon-SR
     torchrun --nproc_per_node=8 examples/pixcon/train.py --preset paper --data /data/coco/train2017
 
 Method (PixCon, Pang et al.): online backbone + global / dense projectors + predictors,
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from densecontrast.engine import (
     RunError,
     RunLog,
     add_common_args,
+    backbone_options,
     build_pretraining_loader,
     checkpointable_args,
     cleanup,
@@ -61,10 +63,10 @@ from densecontrast.schedules import CosineMomentum
 from densecontrast.transforms import byol_views
 from densecontrast.weighting import SemanticReweighting
 
-PAPER = dict(  # PixCon paper: ResNet-50, 4 x 128 images, 800 COCO epochs, SGD 0.4, warm-up 4 epochs
+PAPER = dict(  # PixCon paper (PixCon-SR): ResNet-50, 4 x 128 images, 800 COCO epochs, SGD 0.4, warm-up 4 epochs
     arch="resnet50", crop_size=224, batch_size=128, epochs=800, optimizer="sgd", lr=0.4, lr_scaling="none",
     weight_decay=1e-4, warmup_epochs=4, queue_size=65536, temperature=0.2, momentum_base=0.99, amp="fp16",
-    proj_hidden=2048, proj_dim=128, sync_bn=True, workers=8, save_every=2000,
+    proj_hidden=2048, proj_dim=128, sync_bn=True, workers=8, save_every=2000, variant="sr",
 )
 
 
@@ -72,9 +74,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="PixCon pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    add_common_args(parser, lr=0.05, epochs=4, batch_size=32)
+    add_common_args(parser, lr=0.2, epochs=4, batch_size=32)
     g = parser.add_argument_group("pixcon")
-    g.add_argument("--variant", choices=["coord", "sim", "sr"], default="sr", help="matching / reweighting variant")
+    g.add_argument("--variant", choices=["coord", "sim", "sr"], default="coord",
+                   help="matching / reweighting variant (coord: the demo's, see docs/results.md; sr: the paper's)")
     g.add_argument("--preset", choices=["demo", "paper"], default="demo",
                    help="paper: the hyperparameters of the PixCon paper")
     g.add_argument("--temperature", type=float, default=0.2)
@@ -90,9 +93,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 class PixConOnline(nn.Module):
     """Online network: ``encoder`` (backbone + projectors, copied by the target) and predictors."""
 
-    def __init__(self, arch: str, hidden: int, dim: int) -> None:
+    def __init__(self, arch: str, hidden: int, dim: int, **backbone_kwargs: Any) -> None:
         super().__init__()
-        backbone, channels = build_backbone(arch)
+        backbone, channels = build_backbone(arch, **backbone_kwargs)
         heads = pixcon_heads(in_dim=channels, hidden_dim=hidden, out_dim=dim)
         self.encoder = nn.ModuleDict(
             {"backbone": backbone, "projector": heads["projector"], "dense_projector": heads["dense_projector"]}
@@ -140,7 +143,7 @@ def main(args: argparse.Namespace) -> None:
     global_batch = args.batch_size * info.world_size
 
     # ---- model: online network, momentum target (backbone + projectors), two queues
-    online = PixConOnline(args.arch, args.proj_hidden, args.proj_dim)
+    online = PixConOnline(args.arch, args.proj_hidden, args.proj_dim, **backbone_options(args))
     if args.sync_bn:
         online = convert_sync_batchnorm(online)
     online.to(device)

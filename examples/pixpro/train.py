@@ -47,6 +47,7 @@ from densecontrast.engine import (
     RunError,
     RunLog,
     add_common_args,
+    backbone_options,
     build_pretraining_loader,
     checkpointable_args,
     cleanup,
@@ -104,7 +105,7 @@ class PixProOnline(nn.Module):
 
     def __init__(self, args: argparse.Namespace, use_ppm: bool, instance: bool) -> None:
         super().__init__()
-        backbone, channels = build_backbone(args.arch)
+        backbone, channels = build_backbone(args.arch, **backbone_options(args))
         heads = pixpro_heads(in_dim=channels, hidden_dim=args.proj_hidden, out_dim=args.proj_dim, gamma=args.gamma,
                              transform_layers=args.transform_layers, instance=instance)
         encoder = {"backbone": backbone, "dense_projector": heads["dense_projector"]}

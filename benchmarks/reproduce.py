@@ -4,7 +4,9 @@ Every method gets the same budget: ``--steps`` optimiser steps of the method's r
 ``examples/<m>/train.py`` with its demo defaults (data, views, ``tiny`` backbone, batch, SGD), one
 process with ``OMP_NUM_THREADS=1``, started as a subprocess; ``--jobs`` runs go in parallel. The
 global-only baselines are the dense scripts with the dense loss switched off (MoCo v2 = DenseCL
-with lambda = 0, BYOL = LC-loss with alpha = 0). Every exported ``backbone.pth`` and the
+with lambda = 0, BYOL = LC-loss with alpha = 0, and the demo's own twin: PixCon with lambda = 0).
+The ``ablate_*`` runs undo one change of the demo each (input standardisation, output stride 16,
+128-px scenes, dead leaves instead of shapes) and all of them at once (the former demo). Every exported ``backbone.pth`` and the
 random-init twin of the architecture are scored with the project's one evaluation protocol
 (:mod:`densecontrast.eval.protocol`, the same function as the scripts' end-of-run report and
 ``python -m densecontrast.eval``):
@@ -18,7 +20,9 @@ Outputs under ``--out``: ``<method>/seed<k>/`` (the script's ``backbone.pth``, `
 ``train.log``, and ``eval.json``), ``results.json`` (every run and the mean / std per method) and
 ``results.md`` (the table that is printed). Pictures go to ``--img-dir``.
 
-    python benchmarks/reproduce.py --steps 64 --seeds 0 1 2 --jobs 2 --out runs/reproduce
+    python benchmarks/reproduce.py --seeds 0 1 2 --jobs 2 --out runs/reproduce          # the comparison
+    python benchmarks/reproduce.py --seeds 0 --out runs/reproduce --methods random pixcon_coord ablate_standardize \
+        ablate_stride8 ablate_image96 ablate_shapes ablate_old_demo                         # the ablation
     python benchmarks/reproduce.py --out runs/reproduce --only-table   # table + pictures again
 """
 
@@ -86,6 +90,8 @@ METHODS: dict[str, Method] = {
 }
 COMPARISON: tuple[str, ...] = tuple(m for m, meta in METHODS.items() if meta.kind != "ablation")
 """The default ``--methods``: random init, the global-only baselines and the dense methods."""
+DEMO_STEPS = 256
+"""The demo's schedule: 4 epochs of 2048 scenes at batch 32 (``examples/pixcon/train.py`` defaults)."""
 DEMO = "pixcon_coord"
 """The method of the Quick-start demo (``python examples/pixcon/train.py`` with no arguments)."""
 
@@ -384,7 +390,7 @@ def build_outputs(args: argparse.Namespace) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=int, default=DEMO_STEPS,
                    help="optimiser steps per run, the same for every method (default: the demo's schedule)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")

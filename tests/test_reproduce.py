@@ -57,11 +57,22 @@ def test_same_budget_and_valid_flags(rep, tmp_path):
     assert seen["moco"] == seen["pixcon_sr"]
 
 
+def test_default_budget_is_the_demo_schedule(rep):
+    script = _load(ROOT / "examples" / "pixcon" / "train.py", "_train_pixcon_defaults")
+    demo = script.get_args_parser().parse_args([])
+    assert rep.DEMO_STEPS == demo.epochs * demo.num_images // demo.batch_size
+    assert rep.get_args_parser().parse_args([]).steps == rep.DEMO_STEPS
+    assert rep.METHODS[rep.DEMO].args == ("--variant", demo.variant)
+    assert "ablate_stride8" not in rep.COMPARISON and "pixcon_global" in rep.COMPARISON
+
+
 def test_global_only_baselines_switch_off_the_dense_loss(rep, tmp_path):
     moco = rep.train_command(rep.METHODS["moco"], 5, 0, tmp_path)
     byol = rep.train_command(rep.METHODS["byol"], 5, 0, tmp_path)
     assert moco[moco.index("--dense-weight") + 1] == "0"
     assert byol[byol.index("--alpha") + 1] == "0"
+    own = rep.train_command(rep.METHODS["pixcon_global"], 5, 0, tmp_path)
+    assert own[own.index("--dense-weight") + 1] == "0" and "--variant" not in own
 
 
 def test_mean_std_matches_statistics(rep):

@@ -6,10 +6,11 @@ process with ``OMP_NUM_THREADS=1``, started as a subprocess; ``--jobs`` runs go 
 global-only baselines are the dense scripts with the dense loss switched off (MoCo v2 = DenseCL
 with lambda = 0, BYOL = LC-loss with alpha = 0, and the demo's own twin: PixCon with lambda = 0).
 The ``ablate_*`` runs undo one change of the demo each (input standardisation, output stride 16,
-128-px scenes, dead leaves instead of shapes) and all of them at once (the former demo). Every exported ``backbone.pth`` and the
-random-init twin of the architecture are scored with the project's one evaluation protocol
-(:mod:`densecontrast.eval.protocol`, the same function as the scripts' end-of-run report and
-``python -m densecontrast.eval``):
+128-px scenes, dead leaves instead of shapes) and all of them at once (the former demo).
+
+Every exported ``backbone.pth`` and the random-init twin of the architecture are scored with
+the project's one evaluation protocol (:mod:`densecontrast.eval.protocol`, the same function as
+the scripts' end-of-run report and ``python -m densecontrast.eval``):
 
 * correspondence accuracy on the 17 scikit-image sample photographs and on held-out synthetic
   scenes, ``flip`` and ``crop`` modes, colour-augmented key, mean over the 3 evaluation seeds;

@@ -160,3 +160,28 @@ def test_gpu_check_example_part(tmp_path: Path) -> None:
     res = json.loads(out.read_text())["example"]
     assert res["status"] == "PASS" and res["finite"] and res["returncode"] == 0, proc.stdout
     assert len(res["losses"]) == (20 if torch.cuda.is_available() else 3)
+
+
+def test_colour_sensitivity_rows_are_the_protocol_under_each_colour_setting(tmp_path: Path) -> None:
+    from densecontrast.backbones import build_backbone
+    from densecontrast.engine import export_backbone
+    from densecontrast.eval.protocol import CorrespondenceProtocol, evaluate_backbone, evaluation_images
+
+    torch.manual_seed(0)
+    net, _ = build_backbone("tiny", width=8)
+    export_backbone(net, tmp_path / "b.pth", arch="tiny")
+    out = tmp_path / "colour.json"
+    proc = _run("colour_sensitivity.py", str(tmp_path / "b.pth"), "--images", "synthetic", "--size", "32",
+                "--threads", "1", "--json", str(out))
+    rows = json.loads(out.read_text())
+    settings = ["protocol (all)", "none", "brightness", "contrast", "saturation", "hue", "grayscale", "blur"]
+    assert [r["setting"] for r in rows] == settings
+    assert proc.stdout.count("| b.pth |") == 0 and proc.stdout.count(f"| {tmp_path.name} |") == len(settings)
+    images, what = evaluation_images("synthetic", size=32)
+    for setting, color in (("protocol (all)", True), ("none", False)):
+        ref = evaluate_backbone(net, images, protocol=CorrespondenceProtocol(size=32, color=color),
+                                images_description=what)
+        got = next(r["result"] for r in rows if r["setting"] == setting)
+        assert got["trained"] == ref["trained"] and got["margin"] == ref["margin"], setting
+    brightness = next(r["result"] for r in rows if r["setting"] == "brightness")
+    assert brightness["protocol"]["color"] == {"jitter": [0.4, 0, 0, 0], "gray_p": 0.0, "blur_p": 0.0}

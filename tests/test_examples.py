@@ -236,5 +236,6 @@ def test_help_shows_defaults_and_cites_papers(method: str) -> None:
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    assert "(default: 0.05)" in text and "(default: tiny)" in text  # --lr and --arch
+    lr = 0.2 if method == "pixcon" else 0.05  # the demo's learning rate (PixCon-Coord: docs/results.md)
+    assert f"(default: {lr})" in text and "(default: tiny)" in text  # --lr and --arch
     assert "spec" not in text.lower()

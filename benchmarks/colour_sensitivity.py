@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             protocol = dataclasses.replace(CorrespondenceProtocol(), size=args.size, color=color)
             res = evaluate_backbone(net, images, protocol=protocol, images_description=what)
             rows.append({"checkpoint": str(path), "arch": arch, "setting": name, "result": res})
-            print(f"| {path.parent.name or path.name} | {name} | {_cell(res, 'crop_within_one')} | "
+            label = "/".join(path.parts[-3:-1]) or path.name  # e.g. pixcon_coord/seed0
+            print(f"| {label} | {name} | {_cell(res, 'crop_within_one')} | "
                   f"{_cell(res, 'flip_exact')} |", flush=True)
     print(f"[{time.time() - t0:.0f} s]", file=sys.stderr)
     if args.json:

@@ -23,7 +23,7 @@ Outputs under ``--out``: ``<method>/seed<k>/`` (the script's ``backbone.pth``, `
 
     python benchmarks/reproduce.py --seeds 0 1 2 --jobs 2 --out runs/reproduce          # the comparison
     python benchmarks/reproduce.py --seeds 0 --out runs/reproduce --methods random pixcon_coord ablate_standardize \
-        ablate_stride8 ablate_shapes ablate_old_demo                         # the ablation (ablate_image96 too)
+        ablate_stride8 ablate_image96 ablate_shapes ablate_old_demo                         # the ablation
     python benchmarks/reproduce.py --out runs/reproduce --only-table   # table + pictures again
 """
 

@@ -19,6 +19,7 @@ Convention:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -180,7 +181,10 @@ def color_augment(
     return torch.stack(out)
 
 
-_COLOR_ARGS = ("jitter", "jitter_p", "gray_p", "blur_p", "blur_sigma")
+_COLOR_ARGS = tuple(
+    name for name, p in inspect.signature(color_augment).parameters.items() if p.kind is p.KEYWORD_ONLY
+)
+"""The strengths :func:`color_augment` takes by keyword (what a ``color=`` mapping may set)."""
 
 
 def _color_kwargs(color: bool | Mapping[str, Any]) -> dict[str, Any] | None:
